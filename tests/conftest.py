@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-init models saved with save_pretrained and loaded back the way a user's run loads
+real ones, and the real photographs in ../shared/fixtures/photos."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT.parent / "shared" / "fixtures" / "photos"
+
+# Tiny text encoder width; tiny DiT presets used in tests take caption_channels=TINY_T5_WIDTH.
+TINY_T5_WIDTH = 32
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    if not PHOTOS.is_dir():
+        pytest.skip(f"real photo fixtures not found at {PHOTOS}")
+    return PHOTOS
+
+
+def save_tiny_t5(folder: Path, width: int = TINY_T5_WIDTH) -> Path:
+    """A random-init T5 encoder and a ByT5 tokenizer (which needs no vocabulary file), saved with save_pretrained."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=384, d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    T5EncoderModel(config).save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)
+    return folder
+
+
+def save_tiny_vae(folder: Path) -> Path:
+    """A random-init AutoencoderKL with the SD VAE's 8x downsampling and 4 latent channels, at toy width."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=64, scaling_factor=0.18215,
+    )
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    return save_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
