@@ -1,0 +1,200 @@
+"""Sample images from a trained PixArt weights folder.
+
+    python -m training.sample --checkpoint runs/stage2/weights --prompt "a red bus in the snow" \
+        --prompt "a bowl of ramen" --out samples/ [--sampler dpm++|iddpm] [--steps 20] [--cfg-scale 4.5] [--seed 0]
+
+Writes one PNG per prompt (`000_a-red-bus-in-the-snow.png`, ...), `grid.png` with every image captioned, and
+`samples.json` (prompts, files and settings). The VAE and the T5 encoder are the ones named in the folder's
+`pipeline.json` (see "Weights on disk" in docs/ARCHITECTURE.md) unless --vae / --text-encoder say otherwise; each
+is loaded with `from_pretrained` from a hub id or a local folder. EMA weights (`ema.safetensors`) are used when
+present unless --no-ema.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from curation.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
+from training.grid import image_grid, save_png
+from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, StateDictMismatchError, load_state_dict_strict
+from training.sampling import (DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args,
+                               generate_images, vae_downsample_factor)
+
+PIPELINE_NAME = "pipeline.json"
+EMA_NAME = "ema.safetensors"
+
+
+class PipelineInfo(BaseModel):
+    """`pipeline.json`: the autoencoder and text encoder a model was trained with. Unknown keys are ignored (the
+    trainer may record more); known ones are type-checked."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    vae: str = DEFAULT_VAE
+    vae_class: str = "AutoencoderKL"
+    vae_subfolder: str | None = None  # e.g. "vae" when `vae` is a diffusers pipeline folder or repo
+    scaling_factor: float = 0.18215
+    text_encoder: str | None = DEFAULT_T5
+
+
+def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
+    """The folder's pipeline.json, or None when it has none."""
+    path = Path(folder) / PIPELINE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return PipelineInfo.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as err:
+        raise ValueError(f"{path}: not a valid {PIPELINE_NAME}: {err}") from None
+
+
+def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
+    """Write pipeline.json through a temp name (what the trainer stores next to its weights)."""
+    path = Path(folder) / PIPELINE_NAME
+    tmp = path.with_name(f".{PIPELINE_NAME}.tmp")
+    tmp.write_text(json.dumps(info.model_dump(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(folder: str | os.PathLike, ema: bool | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[PixArt, bool]:
+    """(model in eval mode, whether EMA weights were loaded). ema=None takes ema.safetensors when it exists."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint: {folder} is not a folder (expected config.json + {WEIGHTS_NAME})")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"checkpoint: {folder} has no {name} (expected a folder written by "
+                                    f"PixArt.save_pretrained)")
+    has_ema = (folder / EMA_NAME).is_file()
+    if ema and not has_ema:
+        raise FileNotFoundError(f"ema: {folder} has no {EMA_NAME}; run with --no-ema to use {WEIGHTS_NAME}")
+    use_ema = has_ema if ema is None else ema
+    model = PixArt.from_pretrained(folder)
+    if use_ema:
+        load_state_dict_strict(model, load_file(str(folder / EMA_NAME)), source=str(folder / EMA_NAME))
+    return model.to(device=device, dtype=dtype).eval(), use_ema
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "image"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.sample", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="weights folder (config.json, model.safetensors, "
+                   "optional ema.safetensors and pipeline.json)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several images")
+    p.add_argument("--class-label", action="append", type=int, default=[],
+                   help="a class index, for class-conditional (stage 1) checkpoints; repeat for several")
+    p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
+    p.add_argument("--vae", help="VAE hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_VAE)
+    p.add_argument("--vae-class", help="diffusers class of the VAE (default: pipeline.json's, else AutoencoderKL)")
+    p.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE, e.g. vae (default: pipeline.json's "
+                   "when --vae is not given)")
+    p.add_argument("--text-encoder", help="T5 hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_T5)
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpm++")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 20 for dpm++, 100 for iddpm)")
+    p.add_argument("--cfg-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="use ema.safetensors (default: when the folder has one)")
+    p.add_argument("--batch-size", type=int, default=4, help="images sampled together")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the transformer, VAE and text encoder")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Sample as the CLI does; returns the samples.json record. Raises ValueError/FileNotFoundError/
+    MissingModelError/StateDictMismatchError with a message naming the argument at fault."""
+    dtype = getattr(torch, args.dtype)
+    model, used_ema = load_weights(args.checkpoint, args.ema, args.device, dtype)
+    cfg = model.config
+    if cfg.text_conditioned and (not args.prompt or args.class_label):
+        raise ValueError("prompt: this is a text-to-image checkpoint; give --prompt (and no --class-label)")
+    if not cfg.text_conditioned and (not args.class_label or args.prompt):
+        raise ValueError(f"class-label: this is a class-conditional checkpoint ({cfg.num_classes} classes); "
+                         "give --class-label (and no --prompt)")
+    if not args.cfg_scale >= 0:  # also NaN
+        raise ValueError(f"--cfg-scale: must be >= 0 (1 = no guidance), got {args.cfg_scale}")
+    steps = check_sampler_args(args.sampler, args.steps, args.cfg_scale)
+    if args.batch_size < 1:
+        raise ValueError(f"batch-size: must be >= 1, got {args.batch_size}")
+
+    info = read_pipeline_info(args.checkpoint)
+    if info is None:
+        print(f"{args.checkpoint} has no {PIPELINE_NAME}; using the defaults unless flags say otherwise",
+              file=sys.stderr)
+        info = PipelineInfo()
+    vae_id = args.vae or info.vae
+    subfolder = args.vae_subfolder if args.vae else (args.vae_subfolder or info.vae_subfolder)
+    vae = load_vae(vae_id, setting="--vae", subfolder=subfolder, model_class=args.vae_class or info.vae_class,
+                   dtype=dtype).to(args.device)
+    factor = vae_downsample_factor(vae)
+    height = args.height if args.height is not None else cfg.input_size * factor
+    width = args.width if args.width is not None else cfg.input_size * factor
+    check_image_size(height, width, factor, cfg.patch_size)  # before the (large) text encoder loads
+
+    text_encoder = None
+    encoder_id = None
+    if cfg.text_conditioned:
+        encoder_id = args.text_encoder or info.text_encoder
+        if not encoder_id:
+            raise ValueError("text-encoder: pipeline.json names no text encoder; pass --text-encoder")
+        text_encoder = load_text_encoder(encoder_id, setting="--text-encoder", max_length=cfg.caption_length,
+                                         dtype=dtype)
+        text_encoder.model.to(args.device)
+
+    images = generate_images(
+        model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
+        height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
+        seed=args.seed, scaling_factor=info.scaling_factor, batch_size=args.batch_size, progress=True,
+    )
+
+    out = Path(args.out)
+    labels = list(args.prompt) if cfg.text_conditioned else [f"class {c}" for c in args.class_label]
+    files = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        files.append(save_png(image, out / f"{i:03d}_{_slug(label)}.png").name)
+    save_png(image_grid(images, captions=labels), out / "grid.png")
+    record = {
+        "checkpoint": str(Path(args.checkpoint).resolve()), "ema": used_ema, "vae": vae_id,
+        "text_encoder": encoder_id, "scaling_factor": info.scaling_factor, "sampler": args.sampler, "steps": steps,
+        "cfg_scale": args.cfg_scale, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype,
+        "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}
+                   for f, v in zip(files, args.prompt or args.class_label)],
+        "grid": "grid.png",
+    }
+    tmp = out / ".samples.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "samples.json")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        record = run(args)
+    except (ValueError, FileNotFoundError, MissingModelError, StateDictMismatchError) as err:
+        parser.error(str(err))
+    print(f"wrote {len(record['images'])} images and grid.png to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Samplers for a trained PixArt: DPM-Solver++ (diffusers' scheduler, PixArt's default 20 steps) and IDDPM
+(ancestral, 100 respaced steps, learned-range variance), both with classifier-free guidance.
+
+Guidance runs the conditional and the null-conditional pass in one batched forward (the model's `force_drop_ids`
+swaps in the learned null caption or null class) and extrapolates eps on all latent channels. The official DiT
+and PixArt `forward_with_cfg` guide only the first three channels, a leftover from pixel-space code; we guide all
+four. The variance channels come from the conditional pass, as the official code does.
+
+`generate_images` is the text-to-image entry point the CLI (`training.sample`), the trainer's sample grids and the
+demo share: prompts -> T5 features -> latents -> VAE decode -> PIL images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from training.diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, GaussianDiffusion
+
+DEFAULT_STEPS = {"dpm++": 20, "iddpm": 100}
+SAMPLERS = tuple(DEFAULT_STEPS)
+DEFAULT_GUIDANCE_SCALE = 4.5
+
+
+def dpm_solver_scheduler(**overrides):
+    """diffusers' DPMSolverMultistepScheduler configured as PixArt-alpha samples: DPM-Solver++ (data prediction),
+    second order, multistep, on the training schedule (1000 steps, linear betas 1e-4..0.02), for an eps model.
+    training.export writes the same configuration into exported pipelines."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
+                  beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                  prediction_type="epsilon", lower_order_final=True, timestep_spacing="linspace")
+    config.update(overrides)
+    return DPMSolverMultistepScheduler(**config)
+
+
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + scale * (cond - uncond), elementwise (every channel it is given)."""
+    return uncond + scale * (cond - uncond)
+
+
+def _model_config(model, name: str, default=None):
+    config = getattr(model, "config", None)
+    return getattr(config, name, default) if config is not None else default
+
+
+def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
+    try:
+        param = next(model.parameters())
+        return param.dtype, param.device
+    except (AttributeError, StopIteration):
+        return torch.float32, torch.device("cpu")
+
+
+class GuidedDenoiser:
+    """(x_t, timestep) -> the model's output with classifier-free guidance applied to its eps channels.
+
+    `conditioning` holds the model's keyword inputs for the batch (caption, caption_mask, class_labels,
+    resolution, aspect_ratio), each with the batch first. With guidance, the batch is doubled: the first half
+    conditional, the second with `force_drop_ids` set, so the model swaps in its null embedding.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], conditioning: dict[str, torch.Tensor],
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.conditioning = {k: v for k, v in conditioning.items() if v is not None}
+        self.guidance_scale = float(guidance_scale)
+        self.dtype = dtype
+        # Guidance needs something to drop; scale 1 is the conditional model, so the null pass is skipped.
+        self.guided = bool(self.conditioning) and self.guidance_scale != 1.0
+        if self.guided:
+            self._doubled = {k: torch.cat([self._cast(v), self._cast(v)]) for k, v in self.conditioning.items()}
+        else:
+            self._single = {k: self._cast(v) for k, v in self.conditioning.items()}
+
+    def _cast(self, value: torch.Tensor) -> torch.Tensor:
+        return value.to(self.dtype) if value.is_floating_point() else value
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        if not self.guided:
+            return self.model(x.to(self.dtype), timestep, **self._single).float()
+        batch = x.shape[0]
+        drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(x.device)
+        out = self.model(torch.cat([x, x]).to(self.dtype), torch.cat([timestep, timestep]),
+                         force_drop_ids=drop, **self._doubled).float()
+        cond, uncond = out.chunk(2)
+        eps = classifier_free_guidance(cond[:, :channels], uncond[:, :channels], self.guidance_scale)
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+
+def check_sampler_args(sampler: str, steps: int | None, guidance_scale: float) -> int:
+    """Validate the sampler name, step count and guidance scale; returns the step count (the sampler's default
+    when `steps` is None). Errors name the argument."""
+    if sampler not in DEFAULT_STEPS:
+        raise ValueError(f"sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"steps: must be an integer between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps!r}")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale: must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
+    return int(steps)
+
+
+@torch.no_grad()
+def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, caption: torch.Tensor | None = None,
+           caption_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+           resolution: torch.Tensor | None = None, aspect_ratio: torch.Tensor | None = None,
+           sampler: str = "dpm++", steps: int | None = None, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+           generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+           batch_size: int | None = None, latent_channels: int | None = None,
+           device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
+    """Draw latents [B, C, h, w] (float32, in the model's scaled latent space) from `model`.
+
+    The batch size comes from the conditioning (caption or class_labels), else from `noise` or `batch_size`
+    (an unconditional call, without guidance). Initial and per-step noise are drawn from `generator` on its
+    own device, so a seed gives the same latents on any accelerator. `model` is put in eval mode for the call
+    (captions are dropped at random in train mode) and restored afterwards.
+    """
+    steps = check_sampler_args(sampler, steps, guidance_scale)
+    h, w = (int(v) for v in latent_hw)
+    patch = _model_config(model, "patch_size", 1)
+    if h % patch or w % patch:
+        raise ValueError(f"latent_hw: {h}x{w} is not divisible by the model's patch size {patch}")
+    dtype, model_device = _model_dtype_device(model)
+    device = torch.device(device) if device is not None else model_device
+    channels = latent_channels or _model_config(model, "in_channels", None)
+    if channels is None:
+        raise ValueError("latent_channels: the model has no config.in_channels; pass latent_channels")
+
+    conditioning = {"caption": caption, "caption_mask": caption_mask, "class_labels": class_labels,
+                    "resolution": resolution, "aspect_ratio": aspect_ratio}
+    conditioning = {k: v.to(device) for k, v in conditioning.items() if v is not None}
+    if "caption" in conditioning:
+        batch = conditioning["caption"].shape[0]
+    elif "class_labels" in conditioning:
+        batch = conditioning["class_labels"].shape[0]
+    elif noise is not None:
+        batch = noise.shape[0]
+    elif batch_size is not None:
+        batch = batch_size
+    else:
+        raise ValueError("batch_size: give a caption, class_labels, noise or batch_size")
+    shape = (batch, channels, h, w)
+
+    def randn() -> torch.Tensor:
+        gen_device = generator.device if generator is not None else "cpu"
+        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+    x = randn() if noise is None else noise.to(device=device, dtype=torch.float32)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"noise: shape {tuple(x.shape)} does not match {shape}")
+    denoise = GuidedDenoiser(model, conditioning, guidance_scale, dtype)
+
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        if sampler == "dpm++":
+            scheduler = dpm_solver_scheduler()
+            scheduler.set_timesteps(steps, device=device)
+            x = x * scheduler.init_noise_sigma
+            for t in tqdm(scheduler.timesteps, desc="dpm++", disable=not progress, leave=False):
+                eps = denoise(x, t.expand(batch))[:, :channels]
+                x = scheduler.step(eps, t, x, return_dict=False)[0]
+        else:
+            diffusion = GaussianDiffusion.respaced(steps)
+            timestep_map = diffusion.timestep_map.to(device)
+            for i in tqdm(range(steps - 1, -1, -1), desc="iddpm", disable=not progress, leave=False):
+                t = torch.full((batch,), i, dtype=torch.long, device=device)
+                out = denoise(x, timestep_map[t])
+                x = diffusion.p_sample(out, x, t, noise=randn())
+    finally:
+        if was_training:
+            model.train()
+    return x
+
+
+# -- text to image ---------------------------------------------------------------------------------------------------
+
+
+def vae_downsample_factor(vae) -> int:
+    """Pixels per latent cell: each VAE block but the last halves the resolution."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_image_size(height: int, width: int, vae_factor: int, patch_size: int) -> None:
+    """Image sides must map to whole latent patches; errors name the side."""
+    multiple = vae_factor * patch_size
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
+            raise ValueError(f"{name}: {value!r} must be a positive multiple of {multiple} "
+                             f"(VAE downsample factor {vae_factor} x patch size {patch_size})")
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, scaling_factor: float | None = None,
+                   batch_size: int = 4) -> list[Image.Image]:
+    """Scaled latents -> RGB PIL images, decoded a few at a time to bound memory."""
+    scaling_factor = scaling_factor or getattr(vae.config, "scaling_factor", None) or 0.18215
+    vae_dtype, vae_device = _model_dtype_device(vae)
+    images = []
+    for chunk in latents.split(batch_size):
+        decoded = vae.decode(chunk.to(device=vae_device, dtype=vae_dtype) / scaling_factor)
+        pixels = decoded.sample if hasattr(decoded, "sample") else decoded[0]
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+    return images
+
+
+def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None = None, *,
+                    class_labels: Sequence[int] | None = None, height: int | None = None, width: int | None = None,
+                    sampler: str = "dpm++", steps: int | None = None,
+                    guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int | None = 0,
+                    generator: torch.Generator | None = None, scaling_factor: float | None = None,
+                    batch_size: int = 4, progress: bool = False) -> list[Image.Image]:
+    """One image per prompt (text models, `text_encoder` a curation.pretrained.TextEncoder) or per class label
+    (class-conditional models). Height and width default to the model's native size; micro-conditions
+    (resolution, aspect ratio = height / width) are passed when the model takes them.
+
+    A `seed` (or an explicit `generator`) makes the result reproducible; the prompts are sampled `batch_size` at
+    a time from one random stream, so a prompt's image depends on its position in the list.
+    """
+    text_model = bool(_model_config(model, "text_conditioned", prompts is not None))
+    if text_model:
+        if prompts is None or class_labels is not None:
+            raise ValueError("prompts: a text-conditioned model needs prompts (and no class_labels)")
+        if isinstance(prompts, str):
+            raise ValueError("prompts: expected a list of strings, got a single string")
+        if text_encoder is None:
+            raise ValueError("text_encoder: a text-conditioned model needs a text encoder to encode the prompts")
+        # The null caption the model guides against has caption_length tokens: encode to the same length.
+        length = _model_config(model, "caption_length", None)
+        if length is not None and getattr(text_encoder, "max_length", length) != length:
+            if not dataclasses.is_dataclass(text_encoder):
+                raise ValueError(f"text_encoder: encodes {text_encoder.max_length} tokens, the model's null caption "
+                                 f"has {length} (config.caption_length)")
+            text_encoder = dataclasses.replace(text_encoder, max_length=length)
+    else:
+        if class_labels is None or prompts is not None:
+            raise ValueError("class_labels: a class-conditional model needs class_labels (and no prompts)")
+        num_classes = _model_config(model, "num_classes", None)
+        for label in class_labels:
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (
+                    0 <= label < (num_classes if num_classes is not None else math.inf)):
+                raise ValueError(f"class_labels: {label!r} is not a class index in [0, {num_classes})")
+    items = list(prompts if text_model else class_labels)
+    if not items:
+        return []
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    steps = check_sampler_args(sampler, steps, guidance_scale)
+
+    factor = vae_downsample_factor(vae)
+    patch = _model_config(model, "patch_size", 1)
+    native = _model_config(model, "input_size", None)
+    height = height if height is not None else (native * factor if native else None)
+    width = width if width is not None else (native * factor if native else None)
+    if height is None or width is None:
+        raise ValueError("height: the model has no native size (config.input_size); pass height and width")
+    check_image_size(height, width, factor, patch)
+
+    _, device = _model_dtype_device(model)
+    if generator is None:
+        generator = torch.Generator("cpu")
+        if seed is None:
+            generator.seed()  # fresh, non-deterministic
+        else:
+            generator.manual_seed(seed)
+    micro = bool(_model_config(model, "micro_conditions", False))
+
+    images: list[Image.Image] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        kwargs: dict[str, torch.Tensor] = {}
+        if text_model:
+            kwargs["caption"], kwargs["caption_mask"] = text_encoder.encode(chunk, device=device)
+        else:
+            kwargs["class_labels"] = torch.tensor([int(c) for c in chunk], dtype=torch.long, device=device)
+        if micro:
+            kwargs["resolution"] = torch.tensor([[float(height), float(width)]] * len(chunk), device=device)
+            kwargs["aspect_ratio"] = torch.tensor([[height / width]] * len(chunk), device=device)
+        latents = sample(model, (height // factor, width // factor), sampler=sampler, steps=steps,
+                         guidance_scale=guidance_scale, generator=generator, progress=progress, **kwargs)
+        images += decode_latents(vae, latents, scaling_factor)
+    return images
