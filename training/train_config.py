@@ -1,0 +1,237 @@
+"""The trainer's config: one YAML per training sub-stage, validated by pydantic before any work starts.
+
+A sub-stage config names the model (a preset plus overrides), the shard dataset and which caption's T5 features to
+train on, the optimizer (the paper's hyper-parameters by default), EMA, the DeepSpeed ZeRO setup, the VAE and text
+encoder the data was encoded with, the weights it starts from, and where its outputs go:
+
+    stage: 2
+    name: stage2-256
+    model: {preset: PixArt-XL/2}
+    data: {root: data/sa1b, caption: llava, batch_size: 64}
+    init: {weights: outputs/train/stage1/final, transition: class_to_text}
+    run: {output_dir: outputs/train/stage2, steps: 100000}
+
+A stage made of several sub-stages (stage 3: 256 -> 512 -> 1024 px) is a `StagePlan`: a YAML that lists the
+sub-stage YAMLs to run in order, each initialized from the previous one's final weights.
+
+Load either with `load_train_config(path, overrides)` / `load_stage_plan(path)`; errors name the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from curation.pretrained import DEFAULT_T5, DEFAULT_VAE
+from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE
+from curation.yaml_config import ConfigError, StrictModel, load_config
+
+
+class ModelSection(StrictModel):
+    """A preset of training.model.PRESETS, with any PixArtConfig field overridden (e.g. depth, hidden_size,
+    caption_channels, micro_conditions, pe_interpolation, gradient_checkpointing)."""
+
+    preset: str = "PixArt-XL/2"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from training.model import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; known: {sorted(PRESETS)}")
+        return value
+
+    def build(self):
+        """The PixArtConfig this section describes. An unknown or invalid override is a ConfigError naming it."""
+        from training.model import PRESETS, PixArtConfig
+
+        known = {f.name for f in dataclasses.fields(PixArtConfig)}
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise ConfigError(f"model.overrides: unknown PixArtConfig field(s) {unknown}; known: {sorted(known)}")
+        try:
+            return dataclasses.replace(PRESETS[self.preset], **self.overrides)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.overrides: {err}") from None
+
+    @model_validator(mode="after")
+    def _overrides_are_valid(self) -> "ModelSection":
+        self.build()
+        return self
+
+
+class DataSection(StrictModel):
+    """The shard dataset (a curation output folder) and how batches are drawn from it."""
+
+    root: str  # dataset folder: shards/, manifest.parquet (or manifest/ parts), see docs/SHARD_FORMAT.md
+    caption: str | None = "llava"  # which caption's T5 features to train on (member t5_<caption>); None: class labels
+    batch_size: int = Field(64, ge=1)  # per process; every batch holds one aspect-ratio bucket
+    num_workers: int = Field(2, ge=0)  # DataLoader worker processes per training process
+    prefetch_factor: int = Field(2, ge=1)
+    seed: int = 0  # the batch plan's shuffle seed (epoch e uses (seed, e))
+
+    @field_validator("caption")
+    @classmethod
+    def _caption_name(cls, value: str | None) -> str | None:
+        if value is not None and not CAPTION_NAME_PATTERN.match(value):
+            raise ValueError(f"caption name must match {CAPTION_NAME_PATTERN.pattern}")
+        return value
+
+
+class OptimizerSection(StrictModel):
+    """AdamW with linear warm-up then a constant rate; PixArt-alpha's values are the defaults."""
+
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.03, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-10, gt=0)  # the official configs' AdamW eps
+    grad_clip: float = Field(0.01, gt=0)  # global gradient-norm clip
+    warmup_steps: int = Field(1000, ge=0)
+    scale_lr: bool = False  # lr *= sqrt(global batch / 256), PixArt's "auto_lr" square-root rule
+
+    def effective_lr(self, global_batch: int) -> float:
+        return self.lr * math.sqrt(global_batch / 256) if self.scale_lr else self.lr
+
+
+class EMASection(StrictModel):
+    enabled: bool = True
+    decay: float = Field(0.9999, ge=0, lt=1)
+
+
+class DeepSpeedSection(StrictModel):
+    """The DeepSpeed ZeRO setup; `extra` is merged into the generated DeepSpeed config last (an escape hatch,
+    e.g. {zero_optimization: {offload_optimizer: {device: cpu}}})."""
+
+    zero_stage: Literal[2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class PretrainedSection(StrictModel):
+    """The VAE and text encoder the shards were encoded with: used for sample grids and written to pipeline.json
+    so sampling and export need no flags."""
+
+    vae: str = DEFAULT_VAE
+    vae_class: str = "AutoencoderKL"
+    vae_subfolder: str | None = None
+    text_encoder: str = DEFAULT_T5
+    scaling_factor: float = Field(LATENT_SCALE, gt=0)
+
+
+class InitSection(StrictModel):
+    """Where the weights come from: a weights folder of a previous (sub-)stage, or None for random init."""
+
+    weights: str | None = None
+    transition: Literal["auto", "class_to_text", "continue"] = "auto"  # auto: decided from the two configs
+    use_ema: bool = False  # start from the previous stage's EMA weights instead of its model weights
+    t_star: int = Field(500, ge=0, lt=1000)  # class_to_text: the timestep at which modulations are matched
+
+
+class RunSection(StrictModel):
+    output_dir: str
+    steps: int = Field(ge=1)  # optimizer updates (steps skipped for a NaN/inf loss do not count)
+    seed: int = 0  # noise, timesteps and caption dropout (per rank: seed + rank)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)  # DeepSpeed checkpoint and a consolidated weights folder
+    keep_last: int = Field(3, ge=1)  # checkpoints and weights folders kept
+    resume: bool = True  # continue from output_dir's latest checkpoint; false refuses an output_dir that has one
+    max_bad_steps: int = Field(10, ge=1)  # this many NaN/inf losses in a row stop the run (with a checkpoint)
+    progress: bool = True  # a tqdm bar on rank 0
+    cpu_threads: int | None = Field(None, ge=1)  # torch threads per process on CPU; None: cores / local processes
+
+
+class SamplingSection(StrictModel):
+    """Sample grids from fixed prompts (text models) or class labels (class-conditional) every `every` steps."""
+
+    every: int = Field(0, ge=0)  # 0: no grids
+    prompts: list[str] = Field(default_factory=lambda: [
+        "a photograph of an astronaut riding a horse",
+        "a bowl of fruit on a wooden table, studio lighting",
+        "a red vintage car parked on a cobblestone street",
+        "a snowy mountain lake at sunrise",
+    ])
+    class_labels: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
+    size: tuple[int, int] | None = None  # (height, width) in pixels; default: the model's training size
+    steps: int = Field(20, ge=1)
+    sampler: str = "dpm++"
+    guidance_scale: float = Field(4.5, ge=0)
+    seed: int = 0
+    use_ema: bool = True
+
+
+class TrainConfig(StrictModel):
+    """One training sub-stage."""
+
+    stage: Literal[1, 2, 3]
+    name: str = "train"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    ema: EMASection = Field(default_factory=EMASection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    pretrained: PretrainedSection = Field(default_factory=PretrainedSection)
+    init: InitSection = Field(default_factory=InitSection)
+    run: RunSection
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        text_model = self.model.build().text_conditioned
+        if text_model and self.data.caption is None:
+            raise ValueError("data.caption: a text-conditioned model needs the name of the caption to train on")
+        if not text_model and self.data.caption is not None:
+            raise ValueError(f"data.caption: the model is class-conditional (num_classes set), so it trains on "
+                             f"class_label; set data.caption to null (got {self.data.caption!r})")
+        if self.init.transition == "class_to_text" and not text_model:
+            raise ValueError("init.transition: class_to_text needs a text-conditioned model (model.preset/overrides)")
+        if self.sampling.every and text_model and not self.sampling.prompts:
+            raise ValueError("sampling.prompts: sample grids of a text model need at least one prompt")
+        if self.sampling.every and not text_model and not self.sampling.class_labels:
+            raise ValueError("sampling.class_labels: sample grids of a class-conditional model need labels")
+        if self.sampling.every and self.deepspeed.zero_stage == 3 and not (self.ema.enabled and self.sampling.use_ema):
+            # Under ZeRO-3 only the EMA is whole on rank 0; the model's weights are spread over the ranks.
+            raise ValueError("sampling.use_ema: with deepspeed.zero_stage=3 sample grids use the EMA weights; "
+                             "set ema.enabled and sampling.use_ema, or sampling.every=0")
+        return self
+
+    def pixart_config(self):
+        return self.model.build()
+
+
+class StagePlan(StrictModel):
+    """A stage run as sub-stages in order (stage 3: 256 -> 512 -> 1024 px); sub-stage i > 0 starts from sub-stage
+    i - 1's final weights, whatever its own `init.weights` says (that one is for running it alone)."""
+
+    stage: Literal[1, 2, 3]
+    substages: list[str] = Field(min_length=1)  # YAML paths, relative to the plan file
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A sub-stage config from YAML with `section.field=value` overrides; ConfigError names the bad field."""
+    return load_config(path, TrainConfig, overrides)
+
+
+def is_stage_plan(path: str | Path) -> bool:
+    """True for a YAML that lists `substages` (a StagePlan) rather than one sub-stage."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_config will report it properly
+    return isinstance(data, dict) and "substages" in data
+
+
+def load_stage_plan(path: str | Path) -> tuple[StagePlan, list[Path]]:
+    """The plan and its sub-stage YAML paths, resolved against the plan's folder; each must exist."""
+    path = Path(path)
+    plan = load_config(path, StagePlan)
+    files = [(path.parent / name) if not Path(name).is_absolute() else Path(name) for name in plan.substages]
+    for i, file in enumerate(files):
+        if not file.is_file():
+            raise ConfigError(f"invalid config {path}:\n  substages.{i}: file not found: {file}")
+    return plan, files
