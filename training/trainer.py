@@ -552,7 +552,7 @@ class Trainer:
                       metadata={"format": "pt", "model": "PixArt"})
         pre = self.config.pretrained
         write_pipeline_info(tmp, PipelineInfo(vae=pre.vae, vae_class=pre.vae_class, scaling_factor=pre.scaling_factor,
-                                              text_encoder=pre.text_encoder))
+                                              text_encoder=pre.text_encoder, vae_subfolder=pre.vae_subfolder))
         trainer_info = {"stage": self.config.stage, "name": self.config.name, "step": self.state.step,
                         "caption": self.config.data.caption, "vae_subfolder": pre.vae_subfolder,
                         "init": self.init_report and {k: self.init_report[k] for k in ("source", "transition")}}
