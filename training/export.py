@@ -1,0 +1,128 @@
+"""Export trained PixArt weights as a diffusers `PixArtAlphaPipeline` folder (transformer, VAE, T5, tokenizer, scheduler).
+
+    python -m training.export --checkpoint WEIGHTS_FOLDER --out FOLDER [--vae ID_OR_PATH] [--text-encoder ID_OR_PATH]
+                              [--ema/--no-ema]
+
+The VAE and text encoder default to those named in the weights folder's pipeline.json (what the model was trained
+with); both load through curation.pretrained, so a missing model says which flag to set. The result loads with
+`PixArtAlphaPipeline.from_pretrained(FOLDER)`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from curation.pretrained import DEFAULT_T5, DEFAULT_VAE, load_text_encoder, load_vae
+from training.checkpoint import to_diffusers
+from training.model import WEIGHTS_NAME, PixArt
+
+EMA_NAME = "ema.safetensors"
+PIPELINE_JSON = "pipeline.json"
+
+
+@dataclass
+class ExportSources:
+    """Where the non-transformer components come from."""
+
+    vae: str
+    vae_class: str
+    scaling_factor: float | None
+    text_encoder: str
+
+
+def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
+    """Flags win over the weights folder's pipeline.json, which wins over the PixArt-alpha defaults."""
+    info: dict = {}
+    if (checkpoint / PIPELINE_JSON).is_file():
+        info = json.loads((checkpoint / PIPELINE_JSON).read_text())
+        if not isinstance(info, dict):
+            raise ValueError(f"{checkpoint / PIPELINE_JSON}: expected a JSON object with vae/text_encoder entries")
+    return ExportSources(
+        vae=vae or info.get("vae") or DEFAULT_VAE,
+        vae_class=info.get("vae_class") or "AutoencoderKL",
+        scaling_factor=info.get("scaling_factor"),
+        text_encoder=text_encoder or info.get("text_encoder") or DEFAULT_T5,
+    )
+
+
+def default_scheduler():
+    """DPM-Solver++ (2nd order) over PixArt-alpha's training schedule: 1000 linear betas 1e-4..0.02, eps prediction."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+        algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+    )
+
+
+def build_pipeline(model: PixArt, sources: ExportSources):
+    """A PixArtAlphaPipeline around `model` (converted to PixArtTransformer2DModel) and the named VAE and T5."""
+    from diffusers import PixArtAlphaPipeline
+
+    cfg = model.config
+    if cfg.micro_conditions and cfg.input_size != 128:
+        # PixArtAlphaPipeline passes resolution/aspect ratio only when transformer sample_size == 128 (1024 px).
+        raise ValueError(f"PixArtAlphaPipeline feeds micro-conditions only to 1024-px models (input_size=128); this "
+                         f"model has micro_conditions=True and input_size={cfg.input_size}")
+    if sources.vae_class != "AutoencoderKL":
+        raise ValueError(f"vae_class={sources.vae_class!r}: PixArtAlphaPipeline needs a diffusers AutoencoderKL; "
+                         f"pass --vae with one")
+    vae = load_vae(sources.vae, setting="--vae (or 'vae' in pipeline.json)")
+    if vae.config.latent_channels != cfg.in_channels:
+        raise ValueError(f"--vae {sources.vae}: {vae.config.latent_channels} latent channels, the model expects "
+                         f"{cfg.in_channels}")
+    if sources.scaling_factor is not None and sources.scaling_factor != vae.config.scaling_factor:
+        # The latents were scaled with pipeline.json's factor during training; the pipeline must unscale with it.
+        vae.register_to_config(scaling_factor=float(sources.scaling_factor))
+    text = load_text_encoder(sources.text_encoder, setting="--text-encoder (or 'text_encoder' in pipeline.json)")
+    if text.width != cfg.caption_channels:
+        raise ValueError(f"--text-encoder {sources.text_encoder}: {text.width}-wide features, the model expects "
+                         f"caption_channels={cfg.caption_channels}")
+    return PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.model, vae=vae,
+                               transformer=to_diffusers(model.float()), scheduler=default_scheduler())
+
+
+def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text_encoder: str | None = None,
+           ema: bool | None = None) -> Path:
+    """Write the pipeline folder `out` (through a temp folder renamed when complete). ema=None uses
+    ema.safetensors when the weights folder has one."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if ema is None:
+        ema = (checkpoint / EMA_NAME).is_file()
+    elif ema and not (checkpoint / EMA_NAME).is_file():
+        raise FileNotFoundError(f"--ema: {checkpoint} has no {EMA_NAME}; export {WEIGHTS_NAME} with --no-ema")
+    model = PixArt.from_pretrained(checkpoint, filename=EMA_NAME if ema else WEIGHTS_NAME)
+    pipeline = build_pipeline(model, read_sources(checkpoint, vae, text_encoder))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "pixart_export.json").write_text(json.dumps(
+        {"checkpoint": str(checkpoint.resolve()), "weights": EMA_NAME if ema else WEIGHTS_NAME,
+         "pixart_config": model.config.to_dict()}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description="Export PixArt weights as a diffusers PixArtAlphaPipeline folder.")
+    parser.add_argument("--checkpoint", required=True, help="weights folder (config.json + model.safetensors)")
+    parser.add_argument("--out", required=True, help="pipeline folder to write")
+    parser.add_argument("--vae", help="VAE hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_VAE)
+    parser.add_argument("--text-encoder", help="T5 hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_T5)
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="export ema.safetensors (default: when the weights folder has it)")
+    args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        parser.error(f"--checkpoint {args.checkpoint}: not a folder")
+    out = export(args.checkpoint, args.out, args.vae, args.text_encoder, args.ema)
+    print(f"wrote {out}  (load with diffusers.PixArtAlphaPipeline.from_pretrained({str(out)!r}))")
+    return out
+
+
+if __name__ == "__main__":
+    main()
