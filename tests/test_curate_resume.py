@@ -62,9 +62,17 @@ def kill_after_commits(proc: subprocess.Popen, out: Path, count: int, log: Path,
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # A crash takes the job's workers with it. Ray reaps them on its own, but on an idle machine they could first
+    # finish every remaining unit, and the kill would then test nothing: SIGKILL them too, as a lost node would.
     def stage_actors() -> list:  # Ray Data's own helper actors are detached and outlive every job
         return [a for a in ray._private.state.actors().values()
                 if a["State"] == "ALIVE" and a.get("ActorClassName", "").startswith("MapWorker")]
+
+    for actor in stage_actors():
+        try:
+            os.kill(actor["Pid"], signal.SIGKILL)
+        except (KeyError, ProcessLookupError):
+            pass
 
     deadline = time.monotonic() + 120
     while stage_actors():
@@ -100,7 +108,9 @@ def test_killed_jobs_resume_to_the_uninterrupted_output(reference, tmp_path, tin
     assert_visible_state_is_whole(out)
 
     second = kill_after_commits(start_job(config, log), out, len(first) + 1, log)
-    assert len(first) < len(second) < UNITS, "the second run was not interrupted"
+    # Units often commit within milliseconds of each other, so the second kill lands either between two commits
+    # or after the last one and before the job consolidates its manifest: both are kill points worth resuming from.
+    assert len(first) < len(second) <= UNITS, "the second run committed nothing before it was killed"
     assert {u: second[u] for u in first} == first, "a committed unit was processed again"
     assert_visible_state_is_whole(out)
 
