@@ -63,3 +63,26 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory) -> Path:
     return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for one test module, sized for the 2-core CI machine; jobs started as subprocesses join it
+    through RAY_ADDRESS, as `ray job submit` makes them."""
+    from pipelines.ray_cluster import init_ray
+
+    ray = init_ray(num_cpus=2, object_store_memory=300 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a 2-core machine shared with Ray workers: more torch threads than free cores makes them tens
+    of times slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,15 +20,6 @@ UNITS = 5  # the SA-1B fixture's tars
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    from pipelines.ray_cluster import init_ray
-
-    ray = init_ray(num_cpus=2, object_store_memory=300 * 2**20)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory, photos_dir, tiny_t5_dir, tiny_vae_dir) -> Path:
     return reference_run(tmp_path_factory.getbasetemp() / "curate-reference", photos_dir, tiny_t5_dir, tiny_vae_dir)
 

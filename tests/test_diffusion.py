@@ -13,13 +13,7 @@ BETAS = np.linspace(1e-4, 0.02, 1000)  # PixArt's schedule, written out
 ABAR = np.cumprod(1.0 - BETAS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CPU is shared with other jobs; torch's thread pool spins badly when oversubscribed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def abar(t: int) -> float:

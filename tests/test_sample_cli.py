@@ -15,12 +15,7 @@ from training.model import PRESETS, PixArt
 from training.sample import PipelineInfo, main, write_pipeline_info
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared; torch's thread pool spins badly when oversubscribed
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_weights(folder: Path, preset: str, vae_dir: Path, t5_dir: Path | None, ema: bool = False) -> Path:

@@ -126,6 +126,18 @@ class CaptionerSettings(StrictModel):
         retry = [self.retry_sampling[min(i, len(self.retry_sampling) - 1)] for i in range(self.retries)]
         return [self.sampling, *retry]
 
+    def provenance(self) -> dict:
+        """What every LLaVA backend records with each caption; backends add their own engine and versions."""
+        return {
+            "model": self.model,
+            "prompt_template": self.prompt,
+            "source_prompt_template": self.source_prompt if self.inject_source_caption else None,
+            "chat_template": "config" if self.chat_template else "processor",
+            "sampling_schedule": [x.model_dump() for x in self.sampling_schedule()],  # attempt k used entry k - 1
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+        }
+
 
 class CaptionStageConfig(CaptionerSettings):
     """The `caption` section: a captioner (CaptionerSettings) plus where and how wide it runs."""

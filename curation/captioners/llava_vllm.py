@@ -97,14 +97,8 @@ class LlavaVLLMCaptioner(Captioner):
         s = self.settings
         return {
             "backend": "vllm",
-            "model": s.model,
+            **s.provenance(),
             "model_type": self.model_type,
-            "prompt_template": s.prompt,
-            "source_prompt_template": s.source_prompt if s.inject_source_caption else None,
-            "chat_template": "config" if s.chat_template else "processor",
-            "sampling_schedule": [x.model_dump() for x in s.sampling_schedule()],  # attempt k used entry k - 1
-            "max_new_tokens": s.max_new_tokens,
-            "min_new_tokens": s.min_new_tokens,
             "dtype": s.engine.dtype,
             "vllm": self.vllm_version,
         }

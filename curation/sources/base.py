@@ -117,6 +117,17 @@ class Source(ABC):
 
     name: str = "source"
 
+    def __init__(self, config):
+        self.config = config
+        self.name = config.name
+
+    def root(self) -> Path:
+        """The configured `source.root`, which must be a folder (checked on the driver, before any work)."""
+        root = Path(self.config.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"source.root {root} is not a folder")
+        return root
+
     @abstractmethod
     def list_units(self, work_dir: Path) -> list[WorkUnit]:
         """All units, sorted, deterministic. `work_dir` is where a source may keep derived indexes."""

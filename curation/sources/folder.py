@@ -42,14 +42,8 @@ def read_file(path: Path) -> bytes:
 
 
 class FolderSource(Source):
-    def __init__(self, config: FolderConfig):
-        self.config = config
-        self.name = config.name
-
     def list_units(self, work_dir: Path) -> list[WorkUnit]:
-        root = Path(self.config.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"source.root {root} is not a folder")
+        root = self.root()
         units = [WorkUnit(id=f"wds-{safe_unit_id(rel)}", kind="tar", root=str(root.resolve()),
                           paths=(str((root / rel).resolve()),))
                  for rel in list_files(root, is_tar_name)]

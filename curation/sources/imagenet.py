@@ -32,10 +32,6 @@ class ImageNetConfig(StrictModel):
 
 
 class ImageNetSource(Source):
-    def __init__(self, config: ImageNetConfig):
-        self.config = config
-        self.name = config.name
-
     @cached_property
     def classes(self) -> dict[str, tuple[int, str]]:
         """synset -> (class index, class name)."""
@@ -56,9 +52,7 @@ class ImageNetSource(Source):
         return index
 
     def list_units(self, work_dir: Path) -> list[WorkUnit]:
-        root = Path(self.config.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"source.root {root} is not a folder")
+        root = self.root()
         if not self.classes:
             raise FileNotFoundError(f"source.root {root} holds no class folders")
         # Only images inside a class folder are samples; the listing's sort order is (synset, file name).

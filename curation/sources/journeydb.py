@@ -68,15 +68,9 @@ def compact_annotation(record: dict) -> dict:
 
 
 class JourneyDBSource(Source):
-    def __init__(self, config: JourneyDBConfig):
-        self.config = config
-        self.name = config.name
-
     # ---- listing and routing (driver) -------------------------------------------------------------------------
     def list_units(self, work_dir: Path) -> list[WorkUnit]:
-        root = Path(self.config.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"source.root {root} is not a folder")
+        root = self.root()
         if not Path(self.config.annotations).is_file():
             raise FileNotFoundError(f"source.annotations {self.config.annotations} is not a file")
         root_abs = str(root.resolve())

@@ -69,14 +69,8 @@ def parse_image_block(data: bytes) -> dict:
 
 
 class SA1BSource(Source):
-    def __init__(self, config: SA1BConfig):
-        self.config = config
-        self.name = config.name
-
     def list_units(self, work_dir: Path) -> list[WorkUnit]:
-        root = Path(self.config.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"source.root {root} is not a folder")
+        root = self.root()
         tars = sorted(root.glob(self.config.pattern))
         if self.config.max_units:
             tars = tars[: self.config.max_units]
