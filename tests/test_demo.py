@@ -7,6 +7,7 @@ or from the generator's ground truth.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,17 @@ from curation.synthetic.scenes import Scene, held_out_scenes
 from curation.yaml_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.demo", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    # Without the rendezvous variables an in-process training test of this session may have set (training.trainer
+    # sets them for its one-process group): the demo must start a process group of its own, as from a shell.
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.demo", "--quick", "--ablation", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (out / "stdout.txt").write_text(proc.stdout)
     return out
@@ -41,11 +46,12 @@ def test_quick_demo_writes_every_output(quick_demo):
                  "checkpoint/model.safetensors", "checkpoint/ema.safetensors", "checkpoint/pipeline.json"):
         assert (out / name).is_file(), name
     stdout = (out / "stdout.txt").read_text()
-    for step in ("synthesize", "curate", "density", "train", "evaluate"):
+    for step in ("synthesize", "curate", "density", "train", "evaluate", "ablation"):
         assert f"] {step}:" in stdout and f"<== {step} done in" in stdout
     # The checkpoint names the models it needs, so training.sample runs it without flags.
     pipeline = json.loads((out / "checkpoint" / "pipeline.json").read_text())
     assert pipeline["vae_class"] == "curation.codecs:PoolingCodec" and Path(pipeline["vae"]).is_dir()
+    assert pipeline["prediction_type"] == "v_prediction"  # the demo configs' diffusion.prediction_type
     # Every stage ran, each initialized as the stage plan says.
     runs = json.loads((out / "metrics.json").read_text())["training"]["runs"]
     assert list(runs) == ["stage1", "stage2", "stage3a", "stage3b"]
@@ -70,6 +76,34 @@ def test_accuracies_are_a_rescoring_of_the_saved_samples(quick_demo):
     assert evaluation["accuracy"] == evaluator.accuracy(grades)
     with Image.open(quick_demo / "samples.png") as grid:
         assert grid.width > per * metrics["config"]["resolution"]
+
+
+@pytest.mark.slow
+def test_ablation_figures_are_recomputed_from_its_runs(quick_demo):
+    """The sparse run's accuracy re-scored from its saved samples; steps-to-loss recomputed from the two loss curves
+    the metrics store; the verdicts follow from those figures."""
+    from pipelines.demo import _smooth, steps_to_reach
+
+    metrics = json.loads((quick_demo / "metrics.json").read_text())
+    ablation = metrics["ablation"]
+    scenes, per = held_out_scenes(), metrics["config"]["evaluation"]["samples_per_prompt"]
+    grades = []
+    for i, sample in enumerate(ablation["dense_vs_sparse"]["samples_sparse"]):
+        with Image.open(quick_demo / sample["file"]) as image:
+            [grade] = evaluator.score(image.convert("RGB"), scenes[i // per])
+        grades.append(grade)
+    sparse, dense = ablation["dense_vs_sparse"]["sparse"], ablation["dense_vs_sparse"]["dense"]
+    assert sparse == evaluator.accuracy(grades)
+    assert ablation["dense_vs_sparse"]["dense_wins_all"] == (dense["all"] > sparse["all"])
+    assert ablation["runs"]["sparse"]["init"]["transition"] == "class_to_text"
+    assert ablation["runs"]["scratch"]["init"] is None
+
+    init = ablation["init_from_stage1_vs_scratch"]
+    reference, scratch = metrics["training"]["runs"]["stage2"]["losses"], ablation["runs"]["scratch"]["losses"]
+    assert len(scratch) == len(reference) == init["scratch_steps"]
+    assert init["target_loss"] == pytest.approx(_smooth(scratch, init["window"])[-1], rel=1e-6)
+    assert init["from_stage1_steps"] == steps_to_reach(reference, init["target_loss"], init["window"])
+    assert (quick_demo / "ablation" / "stage2_loss.png").is_file()
 
 
 @pytest.mark.slow

@@ -215,3 +215,41 @@ def test_loss_falls_when_fitting_a_tiny_dataset():
     after = eval_loss()
     assert after["mse"] < 0.6 * before["mse"], (before, after)
     assert after["loss"] < 0.7 * before["loss"], (before, after)
+
+
+def test_v_prediction_target_and_its_eps():
+    """v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022), and the eps it implies is the noise, to float error."""
+    d = GaussianDiffusion(prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 4, 4, generator=g), torch.randn(6, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 250, 500, 900, 999])
+    a = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))[t].float().reshape(-1, 1, 1, 1)
+    v = d.prediction_target(x0, t, noise)
+    torch.testing.assert_close(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+    x_t = d.q_sample(x0, t, noise)
+    torch.testing.assert_close(d.eps_from_prediction(x_t, t, v), noise, atol=1e-5, rtol=0)
+    # An oracle v model has zero MSE, and the same bound as an oracle eps model with the same variance output.
+    var = torch.rand(6, 4, 4, 4, generator=g) * 2 - 1
+    oracle_v = d.training_losses(lambda x, ts: torch.cat([v, var], 1), x0, t, noise=noise)
+    oracle_eps = GaussianDiffusion().training_losses(lambda x, ts: torch.cat([noise, var], 1), x0, t, noise=noise)
+    assert oracle_v["mse"].abs().max() < 1e-10
+    torch.testing.assert_close(oracle_v["vb"], oracle_eps["vb"], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prediction_type"):
+        GaussianDiffusion(prediction_type="x0")
+
+
+def test_min_snr_weight():
+    """min(SNR, gamma) / SNR on the eps MSE, min(SNR, gamma) / (SNR + 1) on the v MSE."""
+    t = torch.tensor([5, 300, 999])
+    a = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t.numpy()]
+    snr = a / (1 - a)
+    x0 = torch.zeros(3, 4, 2, 2)
+    noise = torch.ones(3, 4, 2, 2)
+    for kind, denominator in (("epsilon", snr), ("v_prediction", snr + 1)):
+        d = GaussianDiffusion(prediction_type=kind)
+        zero = lambda x, ts: torch.zeros(3, 4, 2, 2)  # noqa: E731
+        plain = d.training_losses(zero, x0, t, noise=noise)
+        weighted = d.training_losses(zero, x0, t, noise=noise, snr_gamma=5.0)
+        expected = np.minimum(snr, 5.0) / denominator
+        torch.testing.assert_close(weighted["loss"] / plain["mse"], torch.tensor(expected, dtype=torch.float32))
+        torch.testing.assert_close(weighted["mse"], plain["mse"])

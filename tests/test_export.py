@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -56,6 +57,7 @@ def test_export_loads_in_diffusers_and_matches_our_model(weights, tmp_path):
     assert ((a - b).norm() / b.norm()).item() <= 1e-5
     assert pipe.vae.config.scaling_factor == 0.3
     assert pipe.scheduler.config.beta_schedule == "linear" and pipe.scheduler.config.beta_end == 0.02
+    assert pipe.scheduler.config.prediction_type == "epsilon"  # PixArt's, when pipeline.json names none
     image = pipe("a red circle on a blue square", num_inference_steps=2, height=64, width=64, guidance_scale=4.5,
                  use_resolution_binning=False, clean_caption=False, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
@@ -83,3 +85,13 @@ def test_mismatched_text_encoder_and_missing_models_give_clear_errors(tmp_path, 
     with pytest.raises(FileNotFoundError, match="ema.safetensors"):
         export_main(["--checkpoint", str(wide), "--out", str(tmp_path / "c"), "--ema"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_v_prediction_model_exports_a_v_prediction_scheduler(weights, tmp_path):
+    """pipeline.json's prediction_type (the trainer's diffusion.prediction_type) reaches the exported scheduler."""
+    folder = tmp_path / "weights"
+    shutil.copytree(weights, folder)
+    info = json.loads((folder / "pipeline.json").read_text())
+    (folder / "pipeline.json").write_text(json.dumps({**info, "prediction_type": "v_prediction"}))
+    pipe = PixArtAlphaPipeline.from_pretrained(export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "p")]))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"

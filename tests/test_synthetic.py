@@ -65,11 +65,11 @@ def test_evaluator_notices_each_wrong_attribute():
 
 
 def test_evaluator_finds_objects_by_colour_and_position():
-    scene = Scene(objects=(SceneObject("triangle", "yellow", "bottom", "small"),
-                           SceneObject("square", "green", "right", "large")), background="black")
+    scene = Scene(objects=(SceneObject("triangle", "yellow", "bottom left", "small"),
+                           SceneObject("square", "green", "top right", "large")), background="black")
     found = evaluator.detect(render(scene, 128))
     assert [(o.colour, o.shape, o.position, o.size) for o in found] == [
-        ("green", "square", "right", "large"), ("yellow", "triangle", "bottom", "small")]
+        ("green", "square", "top right", "large"), ("yellow", "triangle", "bottom left", "small")]
 
 
 def test_captions_written_by_hand():
@@ -78,8 +78,8 @@ def test_captions_written_by_hand():
     assert dense_caption(scene) == ("a small red circle in the top left and a large blue square in the bottom right, "
                                     "on a grey background")
     assert sparse_caption(scene) == "a circle and a square"
-    one = Scene(objects=(SceneObject("triangle", "yellow", "top"),), background="white")
-    assert dense_caption(one) == "a large yellow triangle at the top, on a white background"
+    one = Scene(objects=(SceneObject("triangle", "yellow", "top right"),), background="white")
+    assert dense_caption(one) == "a large yellow triangle in the top right, on a white background"
     assert sparse_caption(one) == "a triangle"
 
 
@@ -92,7 +92,8 @@ def test_sampler_holds_out_its_triples_but_shows_every_part():
     assert {s for _, s, _ in triples} == set(SHAPES)
     assert {p for _, _, p in triples} == set(POSITIONS)
     assert {(c, s) for c, s, _ in triples} == set(itertools.product(COLOURS, SHAPES))
-    assert len(HELD_OUT) == 9 and {obj.triple for scene in held_out_scenes() for obj in scene.objects} == HELD_OUT
+    assert len(HELD_OUT) == len(POSITIONS) == 4
+    assert {obj.triple for scene in held_out_scenes() for obj in scene.objects} == HELD_OUT
     # Same seed, same scenes (the demo is deterministic).
     assert SceneSampler(seed=3).scenes(20) == scenes[:20]
     assert Scene.from_dict(scenes[5].to_dict()) == scenes[5]
@@ -100,11 +101,13 @@ def test_sampler_holds_out_its_triples_but_shows_every_part():
 
 def test_scene_rejects_ambiguous_or_unknown_content():
     with pytest.raises(ValueError, match="colour"):
-        SceneObject("circle", "purple", "top")
+        SceneObject("circle", "purple", "top left")
+    with pytest.raises(ValueError, match="position"):
+        SceneObject("circle", "red", "center")
     with pytest.raises(ValueError, match="share a position"):
-        Scene(objects=(SceneObject("circle", "red", "top"), SceneObject("square", "blue", "top")))
+        Scene(objects=(SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "top left")))
     with pytest.raises(ValueError, match="share a colour"):
-        Scene(objects=(SceneObject("circle", "red", "top"), SceneObject("square", "red", "left")))
+        Scene(objects=(SceneObject("circle", "red", "top left"), SceneObject("square", "red", "top right")))
 
 
 def test_distinct_scenes_have_distinct_perceptual_hashes():
@@ -180,7 +183,7 @@ def test_layouts_follow_the_real_formats(tmp_path):
 
 def test_synthetic_captioner_writes_captions_from_ground_truth(tmp_path):
     sidecar = tmp_path / "ground_truth.jsonl"
-    scene = Scene(objects=(SceneObject("circle", "green", "center", "small"),), background="black")
+    scene = Scene(objects=(SceneObject("circle", "green", "bottom left", "small"),), background="black")
     sidecar.write_text(json.dumps({"source": "sa1b", "source_id": "7", "file": "sa_000000.tar/sa_7.jpg",
                                    "scene": scene.to_dict(), "fault": None}) + "\n")
     dense = build_captioner("synthetic", ground_truth=str(sidecar), form="dense", name="dense")
@@ -189,7 +192,7 @@ def test_synthetic_captioner_writes_captions_from_ground_truth(tmp_path):
     image = render(scene, 64)
     metas = [{"source": "sa1b", "source_id": "7"}, {"source": "sa1b", "source_id": "8"}]
     ok, missing = dense([image, image], [None, None], metas)
-    assert ok.ok and ok.text == "a small green circle in the center, on a black background"
+    assert ok.ok and ok.text == "a small green circle in the bottom left, on a black background"
     assert not missing.ok and missing.text is None and missing.reason == "no ground truth for sa1b:8"
     assert sparse([image], [None], metas[:1])[0].text == "a circle"
     assert dense.provenance()["backend"] == "synthetic" and len(dense.provenance()["ground_truth_sha1"]) == 40
@@ -210,13 +213,13 @@ def test_scene_text_encoder_loads_like_a_real_one(tmp_path):
 
     folder = save_scene_text_encoder(tmp_path / "t5", width=32)
     encoder = load_text_encoder(str(folder))
-    caption = "a small red circle in the top left and a large blue square at the bottom, on a grey background"
+    caption = "a small red circle in the top left and a large blue square in the bottom right, on a grey background"
     ids = encoder.tokenizer(caption).input_ids
     tokens = encoder.tokenizer.convert_ids_to_tokens(ids)
     assert tokens == ["a", "small", "red", "circle", "in", "the", "top", "left", "and", "a", "large", "blue",
-                      "square", "at", "the", "bottom", ",", "on", "a", "grey", "background", "</s>"]
+                      "square", "in", "the", "bottom", "right", ",", "on", "a", "grey", "background", "</s>"]
     assert encoder.tokenizer.unk_token_id not in ids
     features, mask = encoder.encode([caption, "a circle"])
-    assert features.shape == (2, 120, 32) and mask.sum(1).tolist() == [22, 3]
-    rms = features[0, :22].pow(2).mean(dim=-1).sqrt()
+    assert features.shape == (2, 120, 32) and mask.sum(1).tolist() == [23, 3]
+    rms = features[0, :23].pow(2).mean(dim=-1).sqrt()
     torch.testing.assert_close(rms, torch.full_like(rms, 8.0), rtol=1e-3, atol=0)  # the final RMS norm's scale

@@ -76,6 +76,7 @@ def test_tiny_model_fits_and_writes_its_outputs(data_root, tmp_path, tiny_vae_di
     assert weights.keys() == ema.keys()
     info = read_pipeline_info(final)
     assert (info.vae, info.text_encoder, info.scaling_factor) == (str(tiny_vae_dir), str(tiny_t5_dir), 0.18215)
+    assert info.prediction_type == "epsilon"  # the config's diffusion.prediction_type, PixArt's by default
     # keep_last=2: checkpoints at 15, 30 and 40 -> the last two remain; the periodic weights folders too.
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000030", "step_00000040"]
     assert (out / "checkpoints" / "latest").read_text() == "step_00000040"

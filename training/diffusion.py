@@ -1,11 +1,17 @@
 """IDDPM Gaussian diffusion, as PixArt-alpha trains it.
 
 1000 steps, linear betas 1e-4..0.02, the network predicts eps and, in its second half of channels, a value
-v in [-1, 1] that interpolates the reverse-step log-variance between the posterior variance (v = -1) and beta_t
+in [-1, 1] that interpolates the reverse-step log-variance between the posterior variance (v = -1) and beta_t
 (v = +1): IDDPM's "learned range". The loss is the eps MSE plus the variational-bound term computed with the
 eps half detached, so the bound trains only the variance (Nichol & Dhariwal 2021, and PixArt's
 diffusion/model/gaussian_diffusion.py with loss type MSE). The bound is in bits per dimension; at t = 0 it is the
 negative log-likelihood of the discretized Gaussian decoder.
+
+`prediction_type="v_prediction"` trains the first half on v = sqrt(abar) eps - sqrt(1 - abar) x_0 instead
+(Salimans & Ho 2022), diffusers' name for it. PixArt-alpha predicts eps; v is for small models trained briefly:
+an eps model's x_0 estimate at high noise divides its error by sqrt(abar) (about 1/150 at t = 999), and its loss
+there is nearly blind to the layout a caption asks for, which is decided exactly there. The variance half and
+the bound are unchanged (the bound sees the eps that the v output implies).
 
 A respaced process (IDDPM sampling with 100 steps) is the same class built from a subset of the training
 timesteps: its betas are recomputed so that the kept steps have the original cumulative alphas, and the network
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_START = 1e-4
 BETA_END = 0.02
 
@@ -86,7 +93,11 @@ class GaussianDiffusion:
     Timesteps `t` index this process's steps (0 = the least noisy); the network sees `timestep_map[t]`.
     """
 
-    def __init__(self, betas: np.ndarray | None = None, timestep_map: list[int] | None = None):
+    def __init__(self, betas: np.ndarray | None = None, timestep_map: list[int] | None = None,
+                 prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        self.prediction_type = prediction_type
         betas = linear_betas() if betas is None else np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array of values in (0, 1]")
@@ -122,14 +133,15 @@ class GaussianDiffusion:
         self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     @classmethod
-    def respaced(cls, steps: int, betas: np.ndarray | None = None) -> "GaussianDiffusion":
+    def respaced(cls, steps: int, betas: np.ndarray | None = None,
+                 prediction_type: str = "epsilon") -> "GaussianDiffusion":
         """The process restricted to `steps` evenly spaced timesteps of the base process (default: PixArt's)."""
         base = cls(betas)
         kept = space_timesteps(base.num_timesteps, steps)
         abar = base.alphas_cumprod.numpy()[kept]
         # Chosen so the respaced cumulative alphas equal the base ones at the kept steps.
         new_betas = 1.0 - abar / np.append(1.0, abar[:-1])
-        return cls(new_betas, timestep_map=kept)
+        return cls(new_betas, timestep_map=kept, prediction_type=prediction_type)
 
     # -- the forward process and its posterior --------------------------------------------------------------------
 
@@ -155,29 +167,43 @@ class GaussianDiffusion:
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
+    def eps_from_prediction(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The eps the network's (first-half) output stands for: itself, or sqrt(abar) v + sqrt(1 - abar) x_t."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        return self._at("sqrt_alphas_cumprod", t, x_t) * prediction + self._at("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+
+    def prediction_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network's first half should output for x_t = q_sample(x0, t, noise): eps, or v."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return self._at("sqrt_alphas_cumprod", t, x0) * noise - self._at("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+
     # -- the reverse process --------------------------------------------------------------------------------------
 
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from the network's output: `mean`, `log_variance`, `pred_x0`, `eps`.
 
-        An output with 2C channels is (eps, v) with learned-range variance; one with C channels is eps alone, with
+        An output with 2C channels is (prediction, v) with learned-range variance, v in [-1, 1]; one with C channels
+        is the prediction alone (eps or v, as `prediction_type` says), with
         the fixed "large" variance (beta_t, and the posterior variance at t = 0), IDDPM's choice for such models.
         Nothing is clipped: latents are not bounded to [-1, 1].
         """
         channels = x_t.shape[1]
         model_output = model_output.float()
         if model_output.shape[1] == 2 * channels:
-            eps, v = model_output.split(channels, dim=1)
+            prediction, v = model_output.split(channels, dim=1)
             min_log = self._at("posterior_log_variance_clipped", t, x_t)
             max_log = self._at("log_betas", t, x_t)
             frac = (v + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
         elif model_output.shape[1] == channels:
-            eps = model_output
+            prediction = model_output
             log_variance = self._at("fixed_large_log_variance", t, x_t).expand_as(x_t)
         else:
             raise ValueError(f"model output has {model_output.shape[1]} channels; expected {channels} (eps) "
                              f"or {2 * channels} (eps and learned variance) for {channels}-channel latents")
+        eps = self.eps_from_prediction(x_t, t, prediction)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return {"mean": mean, "log_variance": log_variance, "pred_x0": pred_x0, "eps": eps}
@@ -203,26 +229,42 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, decoder_nll, kl)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t, float32 [B]."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return (abar / (1.0 - abar)).float()
+
     def training_losses(self, model_fn: Callable[..., torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
-                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """{"loss", "mse", "vb"}, each [B]: loss = mse + vb (PixArt's LossType.MSE; vb is 0 for eps-only models).
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
+                        snr_gamma: float | None = None) -> dict[str, torch.Tensor]:
+        """{"loss", "mse", "vb"}, each [B]: loss = w * mse + vb (PixArt's LossType.MSE; vb is 0 for eps-only models).
+
+        mse is the error of the first half of the output against eps (or v). w is 1, or with `snr_gamma` the
+        Min-SNR weight (Hang et al. 2023; PixArt's `snr_loss` uses gamma 5), min(SNR, gamma) / SNR for eps and
+        min(SNR, gamma) / (SNR + 1) for v: the nearly clean timesteps, whose errors are largest but matter least
+        to a sample, stop dominating the gradient. "mse" is reported unweighted.
 
         `model_fn(x_t, timestep, **model_kwargs)` is the network. The bound is computed on a copy of its output
-        whose eps half is detached, so the bound's gradient reaches only the variance channels and the MSE's only
-        the eps channels.
+        whose first half is detached, so the bound's gradient reaches only the variance channels and the MSE's
+        only the first half.
         """
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {})).float()
         channels = x0.shape[1]
-        eps = output[:, :channels]
-        mse = mean_flat((noise.float() - eps) ** 2)
+        prediction = output[:, :channels]
+        target = self.prediction_target(x0.float(), t, noise.float())
+        mse = mean_flat((target - prediction) ** 2)
         if output.shape[1] == 2 * channels:
-            frozen = torch.cat([eps.detach(), output[:, channels:]], dim=1)
+            frozen = torch.cat([prediction.detach(), output[:, channels:]], dim=1)
             vb = self.vb_terms_bpd(frozen, x0.float(), x_t.float(), t)
         else:
             vb = torch.zeros_like(mse)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        weight = 1.0
+        if snr_gamma is not None:
+            snr = self.snr(t)
+            weight = snr.clamp(max=snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1.0)
+        return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None,
                          generator: torch.Generator | None = None) -> torch.Tensor:

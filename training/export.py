@@ -31,6 +31,7 @@ class ExportSources:
     vae_class: str
     scaling_factor: float | None
     text_encoder: str
+    prediction_type: str = "epsilon"
 
 
 def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
@@ -45,15 +46,17 @@ def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | N
         vae_class=info.get("vae_class") or "AutoencoderKL",
         scaling_factor=info.get("scaling_factor"),
         text_encoder=text_encoder or info.get("text_encoder") or DEFAULT_T5,
+        prediction_type=info.get("prediction_type") or "epsilon",
     )
 
 
-def default_scheduler():
-    """DPM-Solver++ (2nd order) over PixArt-alpha's training schedule: 1000 linear betas 1e-4..0.02, eps prediction."""
+def default_scheduler(prediction_type: str = "epsilon"):
+    """DPM-Solver++ (2nd order) over PixArt-alpha's training schedule: 1000 linear betas 1e-4..0.02, eps prediction
+    (or what pipeline.json's prediction_type says the model was trained to predict)."""
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type=prediction_type,
         algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
     )
 
@@ -82,7 +85,7 @@ def build_pipeline(model: PixArt, sources: ExportSources):
         raise ValueError(f"--text-encoder {sources.text_encoder}: {text.width}-wide features, the model expects "
                          f"caption_channels={cfg.caption_channels}")
     return PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.model, vae=vae,
-                               transformer=to_diffusers(model.float()), scheduler=default_scheduler())
+                               transformer=to_diffusers(model.float()), scheduler=default_scheduler(sources.prediction_type))
 
 
 def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text_encoder: str | None = None,

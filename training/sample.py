@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from curation.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
@@ -42,6 +44,7 @@ class PipelineInfo(BaseModel):
     vae_subfolder: str | None = None  # e.g. "vae" when `vae` is a diffusers pipeline folder or repo
     scaling_factor: float = 0.18215
     text_encoder: str | None = DEFAULT_T5
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the network predicts (the scheduler's)
 
 
 def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
@@ -164,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
         seed=args.seed, scaling_factor=info.scaling_factor, batch_size=args.batch_size, progress=True,
+        prediction_type=info.prediction_type,
     )
 
     out = Path(args.out)

@@ -115,11 +115,14 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
            sampler: str = "dpm++", steps: int | None = None, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
            batch_size: int | None = None, latent_channels: int | None = None,
-           device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
+           device: torch.device | str | None = None, progress: bool = False,
+           prediction_type: str = "epsilon") -> torch.Tensor:
     """Draw latents [B, C, h, w] (float32, in the model's scaled latent space) from `model`.
 
     The batch size comes from the conditioning (caption or class_labels), else from `noise` or `batch_size`
-    (an unconditional call, without guidance). Initial and per-step noise are drawn from `generator` on its
+    (an unconditional call, without guidance). `prediction_type` is what the model predicts: "epsilon" (PixArt's)
+    or "v_prediction" (its training config's diffusion.prediction_type). Initial and per-step noise are drawn
+    from `generator` on its
     own device, so a seed gives the same latents on any accelerator. `model` is put in eval mode for the call
     (captions are dropped at random in train mode) and restored afterwards.
     """
@@ -163,14 +166,14 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
         model.eval()
     try:
         if sampler == "dpm++":
-            scheduler = dpm_solver_scheduler()
+            scheduler = dpm_solver_scheduler(prediction_type=prediction_type)
             scheduler.set_timesteps(steps, device=device)
             x = x * scheduler.init_noise_sigma
             for t in tqdm(scheduler.timesteps, desc="dpm++", disable=not progress, leave=False):
                 eps = denoise(x, t.expand(batch))[:, :channels]
                 x = scheduler.step(eps, t, x, return_dict=False)[0]
         else:
-            diffusion = GaussianDiffusion.respaced(steps)
+            diffusion = GaussianDiffusion.respaced(steps, prediction_type=prediction_type)
             timestep_map = diffusion.timestep_map.to(device)
             for i in tqdm(range(steps - 1, -1, -1), desc="iddpm", disable=not progress, leave=False):
                 t = torch.full((batch,), i, dtype=torch.long, device=device)
@@ -219,7 +222,8 @@ def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None
                     sampler: str = "dpm++", steps: int | None = None,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int | None = 0,
                     generator: torch.Generator | None = None, scaling_factor: float | None = None,
-                    batch_size: int = 4, progress: bool = False) -> list[Image.Image]:
+                    batch_size: int = 4, progress: bool = False,
+                    prediction_type: str = "epsilon") -> list[Image.Image]:
     """One image per prompt (text models, `text_encoder` a curation.pretrained.TextEncoder) or per class label
     (class-conditional models). Height and width default to the model's native size; micro-conditions
     (resolution, aspect ratio = height / width) are passed when the model takes them.
@@ -287,6 +291,7 @@ def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None
             kwargs["resolution"] = torch.tensor([[float(height), float(width)]] * len(chunk), device=device)
             kwargs["aspect_ratio"] = torch.tensor([[height / width]] * len(chunk), device=device)
         latents = sample(model, (height // factor, width // factor), sampler=sampler, steps=steps,
-                         guidance_scale=guidance_scale, generator=generator, progress=progress, **kwargs)
+                         guidance_scale=guidance_scale, generator=generator, progress=progress,
+                         prediction_type=prediction_type, **kwargs)
         images += decode_latents(vae, latents, scaling_factor)
     return images

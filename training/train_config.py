@@ -104,6 +104,17 @@ class EMASection(StrictModel):
     decay: float = Field(0.9999, ge=0, lt=1)
 
 
+class DiffusionSection(StrictModel):
+    """The training objective."""
+
+    # What the network's first output half predicts: PixArt's eps, or v (see training/diffusion.py). Recorded in
+    # the weights folder's pipeline.json, so the samplers and the exported scheduler use the same.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # Min-SNR loss weighting (the x0-space weight min(SNR, gamma)); null: PixArt's default, unweighted.
+    # PixArt's `snr_loss=True` is gamma 5.
+    snr_gamma: float | None = Field(None, gt=0)
+
+
 class DeepSpeedSection(StrictModel):
     """The DeepSpeed ZeRO setup; `extra` is merged into the generated DeepSpeed config last (an escape hatch,
     e.g. {zero_optimization: {offload_optimizer: {device: cpu}}})."""
@@ -174,6 +185,7 @@ class TrainConfig(StrictModel):
     data: DataSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     ema: EMASection = Field(default_factory=EMASection)
+    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     pretrained: PretrainedSection = Field(default_factory=PretrainedSection)
     init: InitSection = Field(default_factory=InitSection)

@@ -196,7 +196,7 @@ class Trainer:
         self.bf16 = config.deepspeed.precision == "bf16" or (
             config.deepspeed.precision == "auto" and dist.device.type == "cuda")
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.diffusion = GaussianDiffusion()
+        self.diffusion = GaussianDiffusion(prediction_type=config.diffusion.prediction_type)
         self.state = TrainState(world_size=dist.world_size, batch_size=config.data.batch_size,
                                 data_seed=config.data.seed)
         self.losses: list[float] = []
@@ -331,7 +331,8 @@ class Trainer:
         n = x0.shape[0]
         t = self.diffusion.sample_timesteps(n, device, generator=self.generator)
         noise = torch.randn(x0.shape, generator=self.generator, device=device)
-        losses = self.diffusion.training_losses(self._forward, x0, t, self.model_kwargs(batch), noise=noise)
+        losses = self.diffusion.training_losses(self._forward, x0, t, self.model_kwargs(batch), noise=noise,
+                                                snr_gamma=self.config.diffusion.snr_gamma)
         loss = losses["loss"].mean()
         # Every rank must take the same branch, or the others would wait forever in the gradient all-reduce.
         stats = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=device),
@@ -552,7 +553,8 @@ class Trainer:
                       metadata={"format": "pt", "model": "PixArt"})
         pre = self.config.pretrained
         write_pipeline_info(tmp, PipelineInfo(vae=pre.vae, vae_class=pre.vae_class, scaling_factor=pre.scaling_factor,
-                                              text_encoder=pre.text_encoder, vae_subfolder=pre.vae_subfolder))
+                                              text_encoder=pre.text_encoder, vae_subfolder=pre.vae_subfolder,
+                                              prediction_type=self.config.diffusion.prediction_type))
         trainer_info = {"stage": self.config.stage, "name": self.config.name, "step": self.state.step,
                         "caption": self.config.data.caption, "vae_subfolder": pre.vae_subfolder,
                         "init": self.init_report and {k: self.init_report[k] for k in ("source", "transition")}}
@@ -604,15 +606,16 @@ class SampleGrids:
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor], path: Path) -> Path:
         from training.grid import image_grid, save_png
-        from training.sampling import generate_images
+        from training.sampling import generate_images, vae_downsample_factor
 
         cfg, text = self.config.sampling, self.model_config.text_conditioned
         self.model.load_state_dict(weights, strict=True)
-        height, width = cfg.size or (self.model_config.input_size * 8,) * 2
+        height, width = cfg.size or (self.model_config.input_size * vae_downsample_factor(self.vae),) * 2
         images = generate_images(self.model, self.vae, self.prompts, cfg.prompts if text else None,
                                  class_labels=None if text else cfg.class_labels, height=height, width=width,
                                  sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                 seed=cfg.seed, scaling_factor=self.config.pretrained.scaling_factor)
+                                 seed=cfg.seed, scaling_factor=self.config.pretrained.scaling_factor,
+                                 prediction_type=self.config.diffusion.prediction_type)
         captions = cfg.prompts if text else [f"class {c}" for c in cfg.class_labels]
         return save_png(image_grid(images, captions=captions), path)
 

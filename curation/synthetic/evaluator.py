@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from curation.synthetic.scenes import COLOURS, POSITIONS, SIZES, SHAPES, Scene, SceneObject
+from curation.synthetic.scenes import COLOURS, GRID, POSITIONS, SIZES, SHAPES, Scene, SceneObject
 
 MIN_AREA_FRACTION = 0.004  # regions smaller than this share of the image are specks, not objects
 # An upright triangle's top third holds 1/9 of its area, its bottom third 5/9; a circle's or square's hold equal
@@ -123,12 +123,12 @@ def detect(image: Image.Image | np.ndarray | str | Path, min_area_fraction: floa
             mask = regions[rows, cols] == region
             shape, fit = _classify_shape(mask)
             cx, cy = (cols.start + cols.stop) / 2.0, (rows.start + rows.stop) / 2.0
-            col = min(int(cx * 3 // width), 2)
-            row = min(int(cy * 3 // height), 2)
+            col = min(int(cx * GRID // width), GRID - 1)
+            row = min(int(cy * GRID // height), GRID - 1)
             # Size from the area, which anti-aliased edges barely change (a bounding box grows a pixel).
             half_extent = np.sqrt(area / _BOX_SHARE[shape]) / 2.0 / short
             found.append(DetectedObject(
-                colour=colour, shape=shape, position=POSITIONS[row * 3 + col],
+                colour=colour, shape=shape, position=POSITIONS[row * GRID + col],
                 size="small" if half_extent < _SIZE_THRESHOLD else "large",
                 box=(cols.start, rows.start, cols.stop, rows.stop), area=area, fit=round(fit, 4),
             ))
