@@ -357,7 +357,8 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
 
     e = config.evaluation
     model, used_ema = load_weights(weights, ema=e.use_ema if (weights / "ema.safetensors").is_file() else False)
-    info = read_pipeline_info(weights)  # the codec, T5 and prediction type the trainer recorded, as training.sample reads them
+    # The codec, T5 and prediction type the trainer recorded, read as training.sample reads them.
+    info = read_pipeline_info(weights)
     codec = load_vae(info.vae, model_class=info.vae_class)
     text_encoder = load_text_encoder(info.text_encoder)
     scenes = [scene for scene in held_out_scenes() for _ in range(e.samples_per_prompt)]

@@ -23,13 +23,14 @@ tensors' device as float32.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PredictionType = Literal["epsilon", "v_prediction"]  # diffusers' names; the trainer config and pipeline.json use it
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 BETA_START = 1e-4
 BETA_END = 0.02
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from curation.pretrained import DEFAULT_T5, DEFAULT_VAE, load_text_encoder, load_vae
 from training.checkpoint import to_diffusers
 from training.model import WEIGHTS_NAME, PixArt
+from training.sampling import dpm_solver_scheduler
 
 EMA_NAME = "ema.safetensors"
 PIPELINE_JSON = "pipeline.json"
@@ -50,17 +51,6 @@ def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | N
     )
 
 
-def default_scheduler(prediction_type: str = "epsilon"):
-    """DPM-Solver++ (2nd order) over PixArt-alpha's training schedule: 1000 linear betas 1e-4..0.02, eps prediction
-    (or what pipeline.json's prediction_type says the model was trained to predict)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type=prediction_type,
-        algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
-    )
-
-
 def build_pipeline(model: PixArt, sources: ExportSources):
     """A PixArtAlphaPipeline around `model` (converted to PixArtTransformer2DModel) and the named VAE and T5."""
     from diffusers import PixArtAlphaPipeline
@@ -85,7 +75,8 @@ def build_pipeline(model: PixArt, sources: ExportSources):
         raise ValueError(f"--text-encoder {sources.text_encoder}: {text.width}-wide features, the model expects "
                          f"caption_channels={cfg.caption_channels}")
     return PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.model, vae=vae,
-                               transformer=to_diffusers(model.float()), scheduler=default_scheduler(sources.prediction_type))
+                               transformer=to_diffusers(model.float()),
+                               scheduler=dpm_solver_scheduler(prediction_type=sources.prediction_type))
 
 
 def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text_encoder: str | None = None,

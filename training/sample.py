@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from curation.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
+from training.diffusion import PredictionType
 from training.grid import image_grid, save_png
 from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, StateDictMismatchError, load_state_dict_strict
 from training.sampling import (DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args,
@@ -44,7 +43,7 @@ class PipelineInfo(BaseModel):
     vae_subfolder: str | None = None  # e.g. "vae" when `vae` is a diffusers pipeline folder or repo
     scaling_factor: float = 0.18215
     text_encoder: str | None = DEFAULT_T5
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the network predicts (the scheduler's)
+    prediction_type: PredictionType = "epsilon"  # what the network predicts (the scheduler's)
 
 
 def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:

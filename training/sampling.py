@@ -122,9 +122,8 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
     The batch size comes from the conditioning (caption or class_labels), else from `noise` or `batch_size`
     (an unconditional call, without guidance). `prediction_type` is what the model predicts: "epsilon" (PixArt's)
     or "v_prediction" (its training config's diffusion.prediction_type). Initial and per-step noise are drawn
-    from `generator` on its
-    own device, so a seed gives the same latents on any accelerator. `model` is put in eval mode for the call
-    (captions are dropped at random in train mode) and restored afterwards.
+    from `generator` on its own device, so a seed gives the same latents on any accelerator. `model` is put in
+    eval mode for the call (captions are dropped at random in train mode) and restored afterwards.
     """
     steps = check_sampler_args(sampler, steps, guidance_scale)
     h, w = (int(v) for v in latent_hw)
@@ -170,8 +169,8 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
             scheduler.set_timesteps(steps, device=device)
             x = x * scheduler.init_noise_sigma
             for t in tqdm(scheduler.timesteps, desc="dpm++", disable=not progress, leave=False):
-                eps = denoise(x, t.expand(batch))[:, :channels]
-                x = scheduler.step(eps, t, x, return_dict=False)[0]
+                prediction = denoise(x, t.expand(batch))[:, :channels]  # eps or v: the scheduler knows which
+                x = scheduler.step(prediction, t, x, return_dict=False)[0]
         else:
             diffusion = GaussianDiffusion.respaced(steps, prediction_type=prediction_type)
             timestep_map = diffusion.timestep_map.to(device)

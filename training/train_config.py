@@ -28,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from curation.pretrained import DEFAULT_T5, DEFAULT_VAE
 from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE
+from training.diffusion import PredictionType
 from curation.yaml_config import ConfigError, StrictModel, load_config
 
 
@@ -109,7 +110,7 @@ class DiffusionSection(StrictModel):
 
     # What the network's first output half predicts: PixArt's eps, or v (see training/diffusion.py). Recorded in
     # the weights folder's pipeline.json, so the samplers and the exported scheduler use the same.
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: PredictionType = "epsilon"
     # Min-SNR loss weighting (the x0-space weight min(SNR, gamma)); null: PixArt's default, unweighted.
     # PixArt's `snr_loss=True` is gamma 5.
     snr_gamma: float | None = Field(None, gt=0)

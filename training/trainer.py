@@ -606,11 +606,11 @@ class SampleGrids:
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor], path: Path) -> Path:
         from training.grid import image_grid, save_png
-        from training.sampling import generate_images, vae_downsample_factor
+        from training.sampling import generate_images
 
         cfg, text = self.config.sampling, self.model_config.text_conditioned
         self.model.load_state_dict(weights, strict=True)
-        height, width = cfg.size or (self.model_config.input_size * vae_downsample_factor(self.vae),) * 2
+        height, width = cfg.size or (None, None)  # None: the model's native size, through the VAE's factor
         images = generate_images(self.model, self.vae, self.prompts, cfg.prompts if text else None,
                                  class_labels=None if text else cfg.class_labels, height=height, width=width,
                                  sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
