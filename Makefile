@@ -40,13 +40,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m pipelines.demo --out $(OUT)/demo
+	$(PY) -m demo --out $(OUT)/demo
 
 demo-quick: $(STAMP)
-	$(PY) -m pipelines.demo --quick --out $(OUT)/demo-quick
+	$(PY) -m demo --quick --out $(OUT)/demo-quick
 
 demo-ablation: $(STAMP)
-	$(PY) -m pipelines.demo --out $(OUT)/demo-ablation --ablation
+	$(PY) -m demo --out $(OUT)/demo-ablation --ablation
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

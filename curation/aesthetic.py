@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator
 
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 # Official ASPECT_RATIO_256 (PixArt-alpha, diffusion/data/datasets/utils.py): ratio key -> [H, W].
 ASPECT_RATIO_256: dict[str, tuple[int, int]] = {

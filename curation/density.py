@@ -418,11 +418,11 @@ def rank_frequency(stats: DensityStats, points: int = 200) -> list[tuple[int, in
 
 
 def load_tokenizer(name_or_path: str, subfolder: str | None = None):
-    """A T5 tokenizer by `AutoTokenizer.from_pretrained`; raises curation.pretrained.MissingModelError naming the
+    """A T5 tokenizer by `AutoTokenizer.from_pretrained`; raises common.pretrained.MissingModelError naming the
     `tokenizer` setting when it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    from curation.pretrained import MissingModelError
+    from common.pretrained import MissingModelError
 
     kwargs = {"subfolder": subfolder} if subfolder else {}
     try:

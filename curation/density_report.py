@@ -24,7 +24,7 @@ from curation.density import (
     table1,
     top_nouns,
 )
-from curation.shard_format import atomic_write_bytes
+from common.durable import atomic_write_bytes
 
 JSON_FILE = "density.json"
 HTML_FILE = "report.html"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from curation.captioners.base import register_captioner
-from curation.pretrained import MissingModelError, load_text_encoder, load_vae
+from common.pretrained import MissingModelError, load_text_encoder, load_vae
 from curation.writer import RowBatch, object_array
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

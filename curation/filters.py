@@ -18,7 +18,7 @@ from curation.dedup import phash_int
 from curation.images import ImageError, ImageInfo, decode, probe
 from curation.sources.base import RawSample, Rejection, Source, WorkUnit
 from curation.writer import SCREEN_SCHEMA, DatasetLayout, write_parquet
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 
 class NearDuplicateConfig(StrictModel):

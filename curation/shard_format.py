@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from common.durable import publish, temp_name
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -158,23 +158,11 @@ def decode_sample(members: dict[str, bytes], key: str | None = None) -> ShardSam
     return sample
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, rename: readers see the whole file or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(path: str | Path, samples: Iterable[ShardSample]) -> int:
     """Write a webdataset tar atomically (temp name, then rename). Returns the number of samples written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_name(path)
     count = 0
     seen: set[str] = set()
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -189,9 +177,7 @@ def write_shard(path: str | Path, samples: Iterable[ShardSample]) -> int:
                 info.mode = 0o644
                 tar.addfile(info, io.BytesIO(data))
             count += 1
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
     return count
 
 

@@ -32,8 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.durable import atomic_write_bytes
+from common.versions import library_versions
 from curation.shard_format import (CARD_FILE, FORMAT_VERSION, MANIFEST_DIR, MANIFEST_FILE, REJECTED_DIR,
-                                   REJECTED_FILE, SHARDS_DIR, ShardSample, atomic_write_bytes, iter_shard,
+                                   REJECTED_FILE, SHARDS_DIR, ShardSample, iter_shard,
                                    manifest_row, write_shard)
 
 WORK_DIR = "work"
@@ -299,20 +301,6 @@ def _consolidate(parts: list[Path], target: Path, empty_schema: pa.Schema) -> in
             rows += len(table)
     tmp.replace(target)
     return rows
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-    import platform
-
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "diffusers", "transformers", "ray", "pyarrow", "pillow", "numpy", "webdataset",
-                    "imagehash", "pixart-from-scratch"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    return versions
 
 
 def finalize(layout: DatasetLayout, units: list[str], config: dict, info: dict | None = None) -> dict:

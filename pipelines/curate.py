@@ -32,12 +32,13 @@ from curation.captioners.config import CaptionStageConfig
 from curation.dedup import Candidate, find_duplicates
 from curation.encoders import CaptionStage, T5Stage, VaeStage
 from curation.filters import FilterConfig, ScreenStage
-from curation.pretrained import DEFAULT_T5, DEFAULT_VAE, T5_MAX_LENGTH, MissingModelError
-from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE, atomic_write_bytes, iter_shard
+from common.pretrained import DEFAULT_T5, DEFAULT_VAE, T5_MAX_LENGTH, MissingModelError
+from common.durable import atomic_write_bytes
+from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE, iter_shard
 from curation.sources import SourceConfig, WorkUnit, build_source
 from curation.writer import (PLAN_SCHEMA, DatasetLayout, IncompleteUnitError, UnitWriter, commit_unit, finalize,
                              plot_card, read_plan, remove_staging, try_commit, write_parquet)
-from curation.yaml_config import ConfigError, StrictModel, dump_config, load_config
+from common.config import ConfigError, StrictModel, dump_config, load_config
 
 JOB_FILE = "job.json"
 DTYPE_PATTERN = r"^(auto|float32|float16|bfloat16)$"

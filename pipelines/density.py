@@ -34,9 +34,9 @@ from curation.density import (
     resolve_source,
 )
 from curation.density_report import SourceResult, TokenizerInfo, build_figures, render_markdown, write_report
-from curation.pretrained import DEFAULT_T5, T5_MAX_LENGTH, MissingModelError
+from common.pretrained import DEFAULT_T5, T5_MAX_LENGTH, MissingModelError
 from curation.shard_format import CARD_FILE
-from curation.yaml_config import ConfigError, StrictModel, dump_config, load_config
+from common.config import ConfigError, StrictModel, dump_config, load_config
 
 
 class SourceConfig(StrictModel):

@@ -46,9 +46,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from curation.captioners.config import CaptionStageConfig
-from curation.shard_format import atomic_write_bytes, read_manifest
+from common.durable import atomic_write_bytes
+from common.versions import library_versions
+from curation.shard_format import read_manifest
 from curation.sources import SourceConfig, WorkUnit
-from curation.yaml_config import ConfigError, StrictModel, dump_config, load_config
+from common.config import ConfigError, StrictModel, dump_config, load_config
 
 log = logging.getLogger("pipelines.recaption")
 
@@ -421,22 +423,10 @@ def consolidate(cfg: RecaptionConfig) -> dict:
         "provenance": provenance,
         "t5_reencoded": False,  # see the module docs: the shards keep the T5 features of curation time
         "config": dump_config(cfg),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     atomic_write_bytes(out / CARD_FILE, json.dumps(card, indent=2, default=str).encode())
     return card
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("ray", "torch", "transformers", "vllm", "pyarrow"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def run(cfg: RecaptionConfig) -> dict:

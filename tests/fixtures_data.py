@@ -274,7 +274,7 @@ def reference_run(base: Path, photos_dir: Path, t5_dir: Path, vae_dir: Path) -> 
     holding `sa1b/` (input), `config.yaml` and `out/` (the dataset)."""
     import yaml
 
-    from curation.yaml_config import load_config
+    from common.config import load_config
     from pipelines.curate import CurateConfig, run
 
     if (base / "out" / "dataset_card.json").is_file():

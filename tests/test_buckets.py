@@ -125,7 +125,7 @@ def test_draft_respects_exif_orientation(photos_dir):
 
 
 def test_bucket_config_errors_name_the_field():
-    from curation.yaml_config import ConfigError, validate_config
+    from common.config import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match="resample"):
         validate_config({"resample": "sharpest"}, BucketConfig)

@@ -10,7 +10,7 @@ from curation.captioners.prompts import (PAPER_PROMPT, SOURCE_CAPTION_PROMPT, bu
                                          render_chat_prompt)
 from curation.captioners.quality import (Generation, _max_consecutive_repeats, caption_with_retries, clean_caption,
                                          judge)
-from curation.yaml_config import ConfigError, validate_config
+from common.config import ConfigError, validate_config
 
 RULES = QualityConfig()
 GOOD = ("A golden retriever lies on a wooden porch in late afternoon light. Its fur glows warm against the grey "

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from curation.shard_format import decode_sample, make_key
-from curation.yaml_config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from pipelines.curate import CurateConfig, main, run
 from tests.fixtures_data import EXPECTED_SA1B, reference_run
 

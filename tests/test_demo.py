@@ -1,6 +1,6 @@
 """`make demo`, shortened: the whole chain runs from the command line, and its figures are computed, not copied.
 
-The quick demo (configs/demo/quick.yaml) trains for a couple of steps, so its accuracies are near chance; what is
+The quick demo (demo/configs/quick.yaml) trains for a couple of steps, so its accuracies are near chance; what is
 checked is that every output exists and that each reported figure equals a recomputation from the files on disk
 or from the generator's ground truth.
 """
@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from curation.shard_format import read_manifest
-from curation.synthetic import evaluator
-from curation.synthetic.layouts import read_ground_truth
-from curation.synthetic.scenes import Scene, held_out_scenes
-from curation.yaml_config import ConfigError
+from demo import evaluator
+from demo.layouts import read_ground_truth
+from demo.scenes import Scene, held_out_scenes
+from common.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -32,7 +32,7 @@ def quick_demo(tmp_path_factory) -> Path:
     # Without the rendezvous variables an in-process training test of this session may have set (training.trainer
     # sets them for its one-process group): the demo must start a process group of its own, as from a shell.
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.demo", "--quick", "--ablation", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "demo.run", "--quick", "--ablation", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (out / "stdout.txt").write_text(proc.stdout)
@@ -50,7 +50,7 @@ def test_quick_demo_writes_every_output(quick_demo):
         assert f"] {step}:" in stdout and f"<== {step} done in" in stdout
     # The checkpoint names the models it needs, so training.sample runs it without flags.
     pipeline = json.loads((out / "checkpoint" / "pipeline.json").read_text())
-    assert pipeline["vae_class"] == "curation.codecs:PoolingCodec" and Path(pipeline["vae"]).is_dir()
+    assert pipeline["vae_class"] == "demo.codec:PoolingCodec" and Path(pipeline["vae"]).is_dir()
     assert pipeline["prediction_type"] == "v_prediction"  # the demo configs' diffusion.prediction_type
     # Every stage ran, each initialized as the stage plan says.
     runs = json.loads((out / "metrics.json").read_text())["training"]["runs"]
@@ -82,7 +82,7 @@ def test_accuracies_are_a_rescoring_of_the_saved_samples(quick_demo):
 def test_ablation_figures_are_recomputed_from_its_runs(quick_demo):
     """The sparse run's accuracy re-scored from its saved samples; steps-to-loss recomputed from the two loss curves
     the metrics store; the verdicts follow from those figures."""
-    from pipelines.demo import _smooth, steps_to_reach
+    from demo.run import _smooth, steps_to_reach
 
     metrics = json.loads((quick_demo / "metrics.json").read_text())
     ablation = metrics["ablation"]
@@ -144,18 +144,18 @@ def test_density_report_counts_match_a_recount_from_ground_truth(quick_demo):
 
 
 def test_demo_config_errors_name_the_field(tmp_path):
-    from pipelines.demo import load_demo_config
+    from demo.run import load_demo_config
 
     with pytest.raises(ConfigError, match="evaluation.samples_per_prompt"):
-        load_demo_config(ROOT / "configs/demo/demo.yaml", overrides=["evaluation.samples_per_prompt=0"])
+        load_demo_config(ROOT / "demo/configs/demo.yaml", overrides=["evaluation.samples_per_prompt=0"])
     with pytest.raises(ConfigError, match="data.colours"):
-        load_demo_config(ROOT / "configs/demo/demo.yaml", overrides=["data.colours=5"])
-    quick = load_demo_config(ROOT / "configs/demo/demo.yaml", quick=True)
+        load_demo_config(ROOT / "demo/configs/demo.yaml", overrides=["data.colours=5"])
+    quick = load_demo_config(ROOT / "demo/configs/demo.yaml", quick=True)
     assert quick.data.sa1b < 100 and "run.steps=2" in quick.training.overrides
 
 
 def test_reroot_moves_only_paths_under_the_default_out(tmp_path):
-    from pipelines.demo import reroot
+    from demo.run import reroot
 
     tree = {"output": "outputs/demo/datasets/sa1b", "keep": "outputs/other", "list": ["outputs/demo/x", 3],
             "prompt": "a red circle"}

@@ -32,7 +32,7 @@ from curation.density import (
     top_nouns,
 )
 from curation.density_report import SourceResult, TokenizerInfo, build_figures, write_report
-from curation.pretrained import MissingModelError
+from common.pretrained import MissingModelError
 
 # Captions and their noun lemmas counted by hand, with repeats. Noun adjuncts count ("coffee table": coffee, table),
 # as Penn-treebank tagging (and so the paper's NLTK count) treats them. Mixed: short alt-texts and dense descriptions.

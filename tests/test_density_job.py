@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from curation.density import CaptionStatsStage, analyse_source, table1
-from curation.yaml_config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from pipelines.density import DensityConfig, check_tokenizer, main
 from tests.test_density import HAND_COUNTED
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from curation.encoders import CaptionStage, T5Stage, VaeStage, vae_downsample_factor
-from curation.pretrained import MissingModelError
+from common.pretrained import MissingModelError
 from curation.writer import sample_row
-from curation.yaml_config import validate_config
+from common.config import validate_config
 from pipelines.curate import CaptionConfig, CurateConfig
 from tests.conftest import TINY_T5_WIDTH
 from tests.fixtures_data import gradient
@@ -64,7 +64,7 @@ def test_vae_stage_rejects_buckets_the_vae_cannot_divide(tiny_vae_dir):
 
 
 def test_t5_stage_stores_only_valid_tokens(tiny_t5_dir):
-    from curation.pretrained import load_text_encoder
+    from common.pretrained import load_text_encoder
 
     captions = [{"dense": "a red circle", "sparse": "red"}, {"dense": "x" * 500, "sparse": "y"},
                 {"sparse": "no dense caption"}, {"dense": "   ", "sparse": "blank dense"}]
@@ -116,7 +116,7 @@ def test_missing_models_name_the_setting(tmp_path):
         VaeStage(str(tmp_path / "no-vae"), device="cpu")
     with pytest.raises(MissingModelError, match="t5.model"):
         T5Stage(str(tmp_path / "no-t5"), ["x"], device="cpu")
-    from curation.yaml_config import ConfigError
+    from common.config import ConfigError
 
     with pytest.raises(ConfigError, match="caption.backend"):
         validate_config({"source": {"kind": "folder", "root": "."}, "output": "o",

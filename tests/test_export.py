@@ -73,7 +73,7 @@ def test_no_ema_exports_the_model_weights_and_flags_override_pipeline_json(weigh
 
 
 def test_mismatched_text_encoder_and_missing_models_give_clear_errors(tmp_path, tiny_t5_dir, tiny_vae_dir):
-    from curation.pretrained import MissingModelError
+    from common.pretrained import MissingModelError
 
     wide = tmp_path / "wide"
     PixArt(dataclasses.replace(PRESETS["tiny"], caption_channels=64)).save_pretrained(wide)

@@ -13,7 +13,7 @@ from curation.captioners import build_captioner
 from curation.captioners.config import SamplingConfig
 from curation.captioners.llava_transformers import random_llava, save_random_llava
 from curation.captioners.prompts import PAPER_PROMPT, SOURCE_CAPTION_PROMPT, build_instruction, render_chat_prompt
-from curation.pretrained import MissingModelError
+from common.pretrained import MissingModelError
 from tests.conftest import PHOTOS
 
 # What the taught model says about any image, and the caption quality control makes of it.

@@ -14,7 +14,7 @@ from curation.captioners import llava_vllm
 from curation.captioners.llava_transformers import save_random_llava
 from curation.captioners.llava_vllm import MissingExtraError
 from curation.captioners.prompts import PAPER_PROMPT
-from curation.yaml_config import ConfigError
+from common.config import ConfigError
 
 GOOD = "The image shows a red ball on a wooden table. The wood is light oak and the ball is glossy."
 CLEAN = "A red ball on a wooden table. The wood is light oak and the ball is glossy."

@@ -24,7 +24,7 @@ from curation.captioners.base import CaptionResult, Captioner
 from curation.shard_format import (FORMAT_VERSION, ShardSample, make_key, manifest_row, read_manifest,
                                    write_shard)
 from curation.sources import FolderConfig
-from curation.yaml_config import ConfigError, load_config, validate_config
+from common.config import ConfigError, load_config, validate_config
 from pipelines.recaption import CaptionImages, ReadUnits, RecaptionConfig, UnitCommitter, run
 from tests.conftest import ROOT
 from tests.test_llava_transformers import CLEANED_CAPTION, save_taught_tiny_llava

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from curation.yaml_config import ConfigError
+from common.config import ConfigError
 from tests.shard_fixtures import FixtureSpec, write_dataset
 from tests.test_trainer import base_config, write_yaml
 from training.train_config import load_train_config

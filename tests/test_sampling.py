@@ -260,7 +260,7 @@ def test_sample_restores_train_mode_and_rejects_bad_arguments():
 
 @pytest.fixture(scope="module")
 def tiny_parts(tiny_t5_dir, tiny_vae_dir):
-    from curation.pretrained import load_text_encoder, load_vae
+    from common.pretrained import load_text_encoder, load_vae
 
     return load_vae(str(tiny_vae_dir)), load_text_encoder(str(tiny_t5_dir))
 

@@ -1,7 +1,5 @@
 """The shard format round-trips through our reader, webdataset's reader and pyarrow, and rejects what it must."""
 import io
-import json
-import tarfile
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
-import numpy as np
 import torch
 
-from curation.pretrained import MissingModelError, load_text_encoder, load_vae
+from common.pretrained import MissingModelError, load_text_encoder, load_vae
 from tests.conftest import TINY_T5_WIDTH
 
 

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from curation.shard_format import SHARDS_DIR
-from curation.yaml_config import ConfigError
+from common.config import ConfigError
 from tests.shard_fixtures import FixtureSpec, write_dataset
 from training.data import BatchPlan, draw_latents
 from training.diffusion import GaussianDiffusion

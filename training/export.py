@@ -4,7 +4,7 @@
                               [--ema/--no-ema]
 
 The VAE and text encoder default to those named in the weights folder's pipeline.json (what the model was trained
-with); both load through curation.pretrained, so a missing model says which flag to set. The result loads with
+with); both load through common.pretrained, so a missing model says which flag to set. The result loads with
 `PixArtAlphaPipeline.from_pretrained(FOLDER)`.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from curation.pretrained import DEFAULT_T5, DEFAULT_VAE, load_text_encoder, load_vae
+from common.pretrained import DEFAULT_T5, DEFAULT_VAE, load_text_encoder, load_vae
 from training.checkpoint import to_diffusers
 from training.model import WEIGHTS_NAME, PixArt
 from training.sampling import dpm_solver_scheduler

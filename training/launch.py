@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from curation.yaml_config import ConfigError
+from common.config import ConfigError
 from training.train_config import TrainConfig, is_stage_plan, load_stage_plan, load_train_config
 
 log = logging.getLogger("training.launch")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate the configs and print the commands")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from curation.pretrained import MissingModelError
+    from common.pretrained import MissingModelError
     from training.data import DataError
     from training.stages import TransitionError
     from training.trainer import TrainingDiverged

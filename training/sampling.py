@@ -223,7 +223,7 @@ def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None
                     generator: torch.Generator | None = None, scaling_factor: float | None = None,
                     batch_size: int = 4, progress: bool = False,
                     prediction_type: str = "epsilon") -> list[Image.Image]:
-    """One image per prompt (text models, `text_encoder` a curation.pretrained.TextEncoder) or per class label
+    """One image per prompt (text models, `text_encoder` a common.pretrained.TextEncoder) or per class label
     (class-conditional models). Height and width default to the model's native size; micro-conditions
     (resolution, aspect ratio = height / width) are passed when the model takes them.
 

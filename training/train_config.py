@@ -26,10 +26,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from curation.pretrained import DEFAULT_T5, DEFAULT_VAE
+from common.pretrained import DEFAULT_T5, DEFAULT_VAE
 from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE
 from training.diffusion import PredictionType
-from curation.yaml_config import ConfigError, StrictModel, load_config
+from common.config import ConfigError, StrictModel, load_config
 
 
 class ModelSection(StrictModel):

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from curation.pretrained import MissingModelError
-from curation.shard_format import CARD_FILE, atomic_write_bytes
-from curation.yaml_config import ConfigError, dump_config
+from common.pretrained import MissingModelError
+from common.durable import atomic_write_bytes
+from curation.shard_format import CARD_FILE
+from common.config import ConfigError, dump_config
 from training.data import BatchPlan, DataError, draw_latents, make_loader
 from training.diffusion import GaussianDiffusion
 from training.ema import EMA
@@ -584,7 +585,7 @@ class SampleGrids:
     and a PixArt to load the weights into."""
 
     def __init__(self, config: TrainConfig, model_config, device: torch.device, dtype: torch.dtype):
-        from curation.pretrained import load_text_encoder, load_vae
+        from common.pretrained import load_text_encoder, load_vae
 
         self.config, self.model_config, self.device = config, model_config, device
         pre = config.pretrained

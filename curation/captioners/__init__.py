@@ -4,6 +4,5 @@ from curation.captioners.base import CaptionResult, Captioner, build_captioner, 
 # LLaVA backends (modules import lazily: vLLM is an optional extra, torch loads only when a backend is built).
 register_captioner("transformers", "curation.captioners.llava_transformers:build_transformers_captioner")
 register_captioner("vllm", "curation.captioners.llava_vllm:build_vllm_captioner")
-register_captioner("synthetic", "curation.captioners.synthetic:build_synthetic_captioner")  # the demo's scenes
 
 __all__ = ["CaptionResult", "Captioner", "build_captioner", "register_captioner"]

@@ -40,8 +40,9 @@ def register_captioner(backend: str, target: str) -> None:
 
 
 def build_captioner(backend: str, **options) -> Captioner:
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown captioner backend {backend!r}; known: {sorted(_BACKENDS)}")
-    module, _, attr = _BACKENDS[backend].partition(":")
+    """`backend` is a registered name or a `module:factory` (how plug-ins outside curation, the demo's, name theirs)."""
+    if backend not in _BACKENDS and ":" not in backend:
+        raise ValueError(f"unknown captioner backend {backend!r}; known: {sorted(_BACKENDS)} or module:factory")
+    module, _, attr = _BACKENDS.get(backend, backend).partition(":")
     factory: Callable[..., Captioner] = getattr(importlib.import_module(module), attr)
     return factory(**options)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from curation.captioners.prompts import PAPER_PROMPT, SOURCE_CAPTION_PROMPT
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 

@@ -20,7 +20,7 @@ from curation.captioners.base import CaptionResult, Captioner
 from curation.captioners.config import CaptionerSettings, SamplingConfig
 from curation.captioners.prompts import IMAGE_TOKEN, build_instruction, render_chat_prompt
 from curation.captioners.quality import Generation, caption_with_retries
-from curation.pretrained import _load
+from common.pretrained import _load
 
 SETTING = "caption.model"
 
@@ -131,7 +131,7 @@ class LlavaTransformersCaptioner(Captioner):
 
 def build_transformers_captioner(**options) -> LlavaTransformersCaptioner:
     """The `transformers` backend: options are CaptionerSettings fields, validated (a bad one is named)."""
-    from curation.yaml_config import validate_config
+    from common.config import validate_config
 
     return LlavaTransformersCaptioner(validate_config(options, CaptionerSettings, "transformers captioner options"))
 

@@ -21,7 +21,7 @@ from curation.captioners.base import CaptionResult, Captioner
 from curation.captioners.config import CaptionerSettings, SamplingConfig
 from curation.captioners.prompts import build_instruction, render_chat_prompt
 from curation.captioners.quality import Generation, caption_with_retries
-from curation.pretrained import _load
+from common.pretrained import _load
 
 SETTING = "caption.model"
 
@@ -141,7 +141,7 @@ def build_vllm_captioner(**options) -> LlavaVLLMCaptioner:
     """The `vllm` backend: options are CaptionerSettings fields (engine options under `engine`)."""
     from transformers import AutoConfig, AutoProcessor
 
-    from curation.yaml_config import validate_config
+    from common.config import validate_config
 
     settings = validate_config(options, CaptionerSettings, "vllm captioner options")
     vllm = import_vllm()  # fail before loading anything else

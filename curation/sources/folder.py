@@ -14,7 +14,7 @@ from pydantic import Field
 from curation.sources.base import (IMAGE_EXTENSIONS, RawSample, Source, WorkUnit, chunked, is_image_name,
                                    is_tar_name, list_files, safe_unit_id)
 from curation.sources.tars import TarMember, iter_tar, split_member_name
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 _IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 

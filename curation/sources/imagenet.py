@@ -14,7 +14,7 @@ from pydantic import Field
 
 from curation.sources.base import RawSample, Source, WorkUnit, chunked, is_image_name, list_files
 from curation.sources.folder import read_file
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 
 class ImageNetConfig(StrictModel):

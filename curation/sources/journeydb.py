@@ -18,12 +18,12 @@ from typing import Iterator, Literal
 
 from pydantic import Field
 
-from curation.shard_format import atomic_write_bytes
+from common.durable import atomic_write_bytes
 from curation.sources.base import (RawSample, Source, WorkUnit, chunked, is_image_name, is_tar_name, list_files,
                                    safe_unit_id)
 from curation.sources.folder import read_file
 from curation.sources.tars import iter_tar, normalise_member_name
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 ROUTING_DIR = "journeydb"
 PROBLEMS_UNIT = "journeydb-annotations"

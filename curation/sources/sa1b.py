@@ -14,7 +14,7 @@ from pydantic import Field
 
 from curation.sources.base import RawSample, Source, WorkUnit, safe_unit_id
 from curation.sources.tars import TarMember, iter_tar, split_member_name
-from curation.yaml_config import StrictModel
+from common.config import StrictModel
 
 # The `image` block comes first in SA-1B annotations: decoding just it skips parsing megabytes of mask RLE.
 _IMAGE_BLOCK = re.compile(rb'^\s*\{\s*"image"\s*:\s*')

@@ -3,7 +3,7 @@
 The demo needs data a model can learn in minutes on a CPU and an exact answer key to grade what it generates.
 A scene is a small record (`Scene`): up to a few objects, each a shape kind, a colour, a size and one of four named
 positions (the quadrants), on a named background colour with a faint texture. `render` draws it at any pixel size,
-`dense_caption` / `sparse_caption` describe it in words, and `curation.synthetic.evaluator` reads a picture back
+`dense_caption` / `sparse_caption` describe it in words, and `demo.evaluator` reads a picture back
 into the same vocabulary.
 
 Held-out combinations: `HELD_OUT` lists (colour, shape, position) triples that `SceneSampler` never puts in a

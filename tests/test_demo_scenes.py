@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from curation.captioners import build_captioner
-from curation.synthetic import evaluator
-from curation.synthetic.layouts import FAULTS, LayoutCounts, read_ground_truth, synset, write_layouts
-from curation.synthetic.scenes import (CLASSES, COLOURS, HELD_OUT, POSITIONS, SHAPES, Scene, SceneObject,
+from demo import evaluator
+from demo.layouts import FAULTS, LayoutCounts, read_ground_truth, synset, write_layouts
+from demo.scenes import (CLASSES, COLOURS, HELD_OUT, POSITIONS, SHAPES, Scene, SceneObject,
                                        SceneSampler, dense_caption, held_out_scenes, render, sparse_caption)
-from curation.yaml_config import ConfigError
+from common.config import ConfigError
 
 
 def _jpeg_roundtrip(image: Image.Image, quality: int = 92) -> Image.Image:
@@ -186,8 +186,8 @@ def test_synthetic_captioner_writes_captions_from_ground_truth(tmp_path):
     scene = Scene(objects=(SceneObject("circle", "green", "bottom left", "small"),), background="black")
     sidecar.write_text(json.dumps({"source": "sa1b", "source_id": "7", "file": "sa_000000.tar/sa_7.jpg",
                                    "scene": scene.to_dict(), "fault": None}) + "\n")
-    dense = build_captioner("synthetic", ground_truth=str(sidecar), form="dense", name="dense")
-    sparse = build_captioner("synthetic", ground_truth=str(sidecar), form="sparse", name="sparse")
+    dense = build_captioner("demo.captioner:build_synthetic_captioner", ground_truth=str(sidecar), form="dense", name="dense")
+    sparse = build_captioner("demo.captioner:build_synthetic_captioner", ground_truth=str(sidecar), form="sparse", name="sparse")
     assert (dense.name, sparse.name) == ("dense", "sparse")
     image = render(scene, 64)
     metas = [{"source": "sa1b", "source_id": "7"}, {"source": "sa1b", "source_id": "8"}]
@@ -198,18 +198,18 @@ def test_synthetic_captioner_writes_captions_from_ground_truth(tmp_path):
     assert dense.provenance()["backend"] == "synthetic" and len(dense.provenance()["ground_truth_sha1"]) == 40
 
     with pytest.raises(ConfigError, match="colour_words"):
-        build_captioner("synthetic", ground_truth=str(sidecar), colour_words=True)
+        build_captioner("demo.captioner:build_synthetic_captioner", ground_truth=str(sidecar), colour_words=True)
     with pytest.raises(ConfigError, match="form"):
-        build_captioner("synthetic", ground_truth=str(sidecar), form="poetic")
+        build_captioner("demo.captioner:build_synthetic_captioner", ground_truth=str(sidecar), form="poetic")
     with pytest.raises(FileNotFoundError, match="ground_truth"):
-        build_captioner("synthetic", ground_truth=str(tmp_path / "nope.jsonl"))
+        build_captioner("demo.captioner:build_synthetic_captioner", ground_truth=str(tmp_path / "nope.jsonl"))
 
 
 def test_scene_text_encoder_loads_like_a_real_one(tmp_path):
     import torch
 
-    from curation.pretrained import load_text_encoder
-    from curation.synthetic.text_encoder import save_scene_text_encoder
+    from common.pretrained import load_text_encoder
+    from demo.text_encoder import save_scene_text_encoder
 
     folder = save_scene_text_encoder(tmp_path / "t5", width=32)
     encoder = load_text_encoder(str(folder))

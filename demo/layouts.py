@@ -28,8 +28,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from curation.shard_format import atomic_write_bytes
-from curation.synthetic.scenes import (CLASSES, Scene, SceneSampler, class_name, dense_caption, render,
+from common.durable import atomic_write_bytes
+from demo.scenes import (CLASSES, Scene, SceneSampler, class_name, dense_caption, render,
                                        sparse_caption)
 
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
@@ -119,7 +119,7 @@ def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _sa1b_json(image_id: int, image: Image.Image, scene: Scene) -> bytes:
-    from curation.synthetic.scenes import object_box
+    from demo.scenes import object_box
 
     annotations = []
     for k, obj in enumerate(scene.objects):

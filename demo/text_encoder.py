@@ -3,7 +3,7 @@
 PixArt conditions on T5 features. No T5 checkpoint can be downloaded on an offline machine, so the demo saves a
 random-init `T5EncoderModel` with `save_pretrained`, plus a word-level tokenizer trained with `tokenizers` on the
 scene captions and wrapped as a `PreTrainedTokenizerFast`. Curation and sampling then load the folder through
-`curation.pretrained.load_text_encoder`, the same path a real `DeepFloyd/t5-v1_1-xxl` takes.
+`common.pretrained.load_text_encoder`, the same path a real `DeepFloyd/t5-v1_1-xxl` takes.
 
 A random encoder is enough here: its features are a fixed, injective-enough function of the words (T5's residual
 stream keeps each token's embedding), and the diffusion model learns to read them, which is all the demo asks.
@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from curation.synthetic.scenes import (BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES, SceneSampler,
+from demo.scenes import (BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES, SceneSampler,
                                        dense_caption, sparse_caption)
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # T5's special tokens, with T5's ids 0 and 1 for pad and eos

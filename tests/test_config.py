@@ -1,7 +1,7 @@
 import pytest
 from pydantic import Field
 
-from curation.yaml_config import ConfigError, StrictModel, load_config
+from common.config import ConfigError, StrictModel, load_config
 
 
 class Train(StrictModel):

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from curation.synthetic.scenes import COLOURS, GRID, POSITIONS, SIZES, SHAPES, Scene, SceneObject
+from demo.scenes import COLOURS, GRID, POSITIONS, SIZES, Scene, SceneObject
 
 MIN_AREA_FRACTION = 0.004  # regions smaller than this share of the image are specks, not objects
 # An upright triangle's top third holds 1/9 of its area, its bottom third 5/9; a circle's or square's hold equal

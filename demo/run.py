@@ -1,12 +1,12 @@
 """`make demo`: the whole system end to end on an embedded synthetic dataset, on a CPU, and proof that it learns.
 
-    python -m pipelines.demo --out outputs/demo [--quick] [--ablation] [--config configs/demo/demo.yaml]
+    python -m demo --out outputs/demo [--quick] [--ablation] [--config demo/configs/demo.yaml]
                              [--set section.field=value ...]
 
 1. synthesize  procedural scenes (coloured shapes at named positions) written in the real source layouts: an
                SA-1B tar set, a JourneyDB archive + annotation JSONL, ImageNet-style class folders, a few bad files
                among them; plus the demo's weight-free latent codec and a small random T5 (curation.synthetic,
-               curation.codecs), saved with save_pretrained like real models.
+               demo.codec), saved with save_pretrained like real models.
 2. curate      the real curation job (pipelines.curate) on a local Ray, once per source: filters, near-duplicate
                search, the synthetic-scene captioner (dense and sparse captions), codec latents, T5 features,
                shards. Every injected bad file must come out rejected for its reason.
@@ -23,7 +23,7 @@ Outputs under --out: report.html (density), samples.png (+ samples/*.png), metri
 weights, loadable by `python -m training.sample --checkpoint <out>/checkpoint ...`); and along the way configs/
 (the effective YAML of every job: rerun any of them with its own command), sources/, models/, datasets/, train/.
 
-The YAMLs under configs/demo/ name their paths under outputs/demo, the default --out; any other --out moves them.
+The YAMLs under demo/configs/ name their paths under outputs/demo, the default --out; any other --out moves them.
 Everything is seeded: the same command writes the same data and trains the same model.
 """
 from __future__ import annotations
@@ -42,16 +42,16 @@ from typing import Any, Iterator
 import yaml
 from pydantic import Field
 
-from curation.yaml_config import ConfigError, StrictModel, load_config, validate_config
+from common.config import ConfigError, StrictModel, load_config, validate_config
 
 DEFAULT_OUT = "outputs/demo"
-DEFAULT_CONFIG = "configs/demo/demo.yaml"
-QUICK_CONFIG = "configs/demo/quick.yaml"
+DEFAULT_CONFIG = "demo/configs/demo.yaml"
+QUICK_CONFIG = "demo/configs/quick.yaml"
 
 
 # ---- config -------------------------------------------------------------------------------------------------------
 class DataSection(StrictModel):
-    """The synthetic sources (curation.synthetic.layouts)."""
+    """The synthetic sources (demo.layouts)."""
 
     seed: int = 0
     image_size: int = Field(96, ge=32, description="side of the source pictures, before curation resizes them")
@@ -70,7 +70,7 @@ class ModelsSection(StrictModel):
     text_encoder_layers: int = Field(2, ge=1)
     text_encoder_heads: int = Field(4, ge=1)
     text_encoder_output_scale: float = Field(8.0, gt=0, description="RMS of the T5 features (see "
-                                             "curation.synthetic.text_encoder)")
+                                             "demo.text_encoder)")
     codec_calibration_images: int = Field(256, ge=1, description="pictures the codec's gain is measured on")
 
 
@@ -78,10 +78,10 @@ class CurationSection(StrictModel):
     """Curation job YAMLs (pipelines.curate), by dataset name; each writes <out>/datasets/<name>."""
 
     jobs: dict[str, str] = Field(default_factory=lambda: {
-        "imagenet": "configs/demo/curate_imagenet.yaml",
-        "sa1b": "configs/demo/curate_sa1b.yaml",
-        "sa1b_sparse": "configs/demo/curate_sa1b_sparse.yaml",
-        "journeydb": "configs/demo/curate_journeydb.yaml",
+        "imagenet": "demo/configs/curate_imagenet.yaml",
+        "sa1b": "demo/configs/curate_sa1b.yaml",
+        "sa1b_sparse": "demo/configs/curate_sa1b_sparse.yaml",
+        "journeydb": "demo/configs/curate_journeydb.yaml",
     })
     overrides: list[str] = Field(default_factory=list, description="section.field=value for every job")
 
@@ -89,9 +89,9 @@ class CurationSection(StrictModel):
 class TrainingSection(StrictModel):
     """Trainer YAMLs (training.trainer / training.launch), one per stage; stage 3 is a plan of sub-stages."""
 
-    stage1: str = "configs/demo/train_stage1.yaml"
-    stage2: str = "configs/demo/train_stage2.yaml"
-    stage3: str = "configs/demo/train_stage3.yaml"
+    stage1: str = "demo/configs/train_stage1.yaml"
+    stage2: str = "demo/configs/train_stage2.yaml"
+    stage3: str = "demo/configs/train_stage3.yaml"
     overrides: list[str] = Field(default_factory=list, description="section.field=value for every sub-stage")
 
 
@@ -115,7 +115,7 @@ class DemoConfig(StrictModel):
     data: DataSection = Field(default_factory=DataSection)
     models: ModelsSection = Field(default_factory=ModelsSection)
     curation: CurationSection = Field(default_factory=CurationSection)
-    density: str = "configs/demo/density.yaml"
+    density: str = "demo/configs/density.yaml"
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     ablation: AblationSection = Field(default_factory=AblationSection)
@@ -131,10 +131,10 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def load_demo_config(path: str | Path = DEFAULT_CONFIG, quick: bool = False,
                      overrides: list[str] | None = None) -> DemoConfig:
-    """configs/demo/demo.yaml, with configs/demo/quick.yaml laid over it for --quick, then --set overrides."""
+    """demo/configs/demo.yaml, with demo/configs/quick.yaml laid over it for --quick, then --set overrides."""
     if not quick:
         return load_config(path, DemoConfig, overrides)
-    from curation.yaml_config import parse_overrides
+    from common.config import parse_overrides
 
     data: dict = {}
     for file in (path, QUICK_CONFIG):
@@ -180,15 +180,15 @@ def effective_config(template: str | Path, out: Path, name: str | None = None) -
     data = reroot(yaml.safe_load(template.read_text()) or {}, out)
     target = out / "configs" / (name or template.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = f"# written by pipelines.demo from {template}\n" + yaml.safe_dump(data, sort_keys=False)
-    from curation.shard_format import atomic_write_bytes
+    text = f"# written by demo.run from {template}\n" + yaml.safe_dump(data, sort_keys=False)
+    from common.durable import atomic_write_bytes
 
     atomic_write_bytes(target, text.encode())
     return target
 
 
 def write_json(path: Path, data: dict) -> None:
-    from curation.shard_format import atomic_write_bytes
+    from common.durable import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode())
 
@@ -206,10 +206,10 @@ def synthesize(config: DemoConfig, out: Path) -> dict:
     import numpy as np
     import torch
 
-    from curation.codecs import PoolingCodec
-    from curation.synthetic.layouts import LayoutCounts, write_layouts
-    from curation.synthetic.scenes import SceneSampler, render
-    from curation.synthetic.text_encoder import save_scene_text_encoder
+    from demo.codec import PoolingCodec
+    from demo.layouts import LayoutCounts, write_layouts
+    from demo.scenes import SceneSampler, render
+    from demo.text_encoder import save_scene_text_encoder
 
     d = config.data
     counts = LayoutCounts(sa1b=d.sa1b, sa1b_per_tar=d.sa1b_per_tar, journeydb=d.journeydb,
@@ -238,7 +238,7 @@ def curate(config: DemoConfig, out: Path, layouts) -> dict:
     import pyarrow.parquet as pq
 
     from curation.shard_format import REJECTED_FILE, read_manifest
-    from curation.synthetic.scenes import Scene, dense_caption, sparse_caption
+    from demo.scenes import Scene, dense_caption, sparse_caption
     from pipelines.curate import CurateConfig, run
 
     truth = {(r.source, r.source_id): r for r in layouts.records}
@@ -348,9 +348,9 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
     """Held-out prompts -> samples -> grades. Writes folder/*.png and returns per-sample grades and accuracy."""
     import torch
 
-    from curation.pretrained import load_text_encoder, load_vae
-    from curation.synthetic import evaluator
-    from curation.synthetic.scenes import dense_caption, held_out_scenes
+    from common.pretrained import load_text_encoder, load_vae
+    from demo import evaluator
+    from demo.scenes import dense_caption, held_out_scenes
     from training.grid import image_grid, save_png
     from training.sample import load_weights, read_pipeline_info
     from training.sampling import generate_images
@@ -522,7 +522,7 @@ def run_demo(config: DemoConfig, out: str | Path, ablation_runs: bool = False) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="demo config (default: %(default)s)")

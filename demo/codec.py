@@ -2,7 +2,7 @@
 
 No pretrained VAE can be downloaded on a fresh offline machine, yet the demo must run the real pipeline: curation
 encodes images with `vae.encode(x).latent_dist`, training samples decode with `vae.decode(z / scaling_factor)`,
-and both find the VAE through `curation.pretrained.load_vae(path, model_class="curation.codecs:PoolingCodec")`.
+and both find the VAE through `common.pretrained.load_vae(path, model_class="demo.codec:PoolingCodec")`.
 `PoolingCodec` is a diffusers `ModelMixin` + `ConfigMixin` with `AutoencoderKL`'s methods, outputs and config
 entries (`scaling_factor`, `latent_channels`, `block_out_channels` whose length gives the downsample factor the
 way diffusers pipelines compute it), so it saves and loads with save_pretrained / from_pretrained like the real one.

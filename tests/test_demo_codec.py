@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curation.codecs import SD_SCALING_FACTOR, PoolingCodec
-from curation.pretrained import load_vae
-from curation.synthetic import evaluator
-from curation.synthetic.scenes import SceneSampler, held_out_scenes, render
+from demo.codec import SD_SCALING_FACTOR, PoolingCodec
+from common.pretrained import load_vae
+from demo import evaluator
+from demo.scenes import SceneSampler, held_out_scenes, render
 from training.sampling import decode_latents, vae_downsample_factor
 
 
@@ -56,7 +56,7 @@ def test_block_means_in_closed_form():
 
 def test_round_trip_is_read_back_by_the_evaluator(codec_dir, scenes_and_pixels):
     scenes, pixels = scenes_and_pixels
-    codec = load_vae(str(codec_dir), model_class="curation.codecs:PoolingCodec")
+    codec = load_vae(str(codec_dir), model_class="demo.codec:PoolingCodec")
     assert isinstance(codec, PoolingCodec)
     latents = codec.encode(pixels).latent_dist.mean * SD_SCALING_FACTOR
     decoded = decode_latents(codec, latents, batch_size=64)  # the samplers' decode path

@@ -1,8 +1,8 @@
 """The synthetic-scene captioner: captions for the demo's procedural pictures, written from their ground truth.
 
 Real runs caption with LLaVA (the `transformers` and `vllm` backends). The demo's pictures come from
-`curation.synthetic.scenes`, whose generator wrote what each picture shows into a sidecar
-(`ground_truth.jsonl`, see `curation.synthetic.layouts`); this backend looks each sample up there by
+`demo.scenes`, whose generator wrote what each picture shows into a sidecar
+(`ground_truth.jsonl`, see `demo.layouts`); this backend looks each sample up there by
 (source, source_id) and describes it in one of two forms:
 - dense: every object's size, colour, shape and position, and the background ("a small red circle in the top left
   and a large blue square in the bottom right, on a grey background"), the kind of caption PixArt's LLaVA
@@ -12,7 +12,7 @@ A sample without a ground-truth entry fails with that reason (it is rejected, ne
 
 YAML (a `caption` section of a curation job):
 
-    caption: {backend: synthetic, name: dense, num_gpus: 0,
+    caption: {backend: "demo.captioner:build_synthetic_captioner", name: dense, num_gpus: 0,
               options: {ground_truth: outputs/demo/sources/ground_truth.jsonl, form: dense}}
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from PIL import Image
 from pydantic import Field
 
 from curation.captioners.base import CaptionResult, Captioner
-from curation.synthetic.layouts import read_ground_truth
-from curation.synthetic.scenes import Scene, dense_caption, sparse_caption
-from curation.yaml_config import StrictModel, validate_config
+from demo.layouts import read_ground_truth
+from demo.scenes import Scene, dense_caption, sparse_caption
+from common.config import StrictModel, validate_config
 
 FORMS = {"dense": dense_caption, "sparse": sparse_caption}
 
@@ -49,7 +49,7 @@ class SyntheticSceneCaptioner(Captioner):
         self.ground_truth = Path(ground_truth)
         if not self.ground_truth.is_file():
             raise FileNotFoundError(f"ground_truth: no sidecar at {self.ground_truth} (written by "
-                                    "curation.synthetic.layouts.write_layouts)")
+                                    "demo.layouts.write_layouts)")
         self._describe = FORMS[form]
         self._scenes = {(r.source, r.source_id): Scene.from_dict(r.scene) for r in read_ground_truth(self.ground_truth)}
         self._digest = hashlib.sha1(self.ground_truth.read_bytes()).hexdigest()
@@ -71,6 +71,6 @@ class SyntheticSceneCaptioner(Captioner):
 
 
 def build_synthetic_captioner(**options) -> SyntheticSceneCaptioner:
-    """Registry factory (`build_captioner("synthetic", ground_truth=..., form=..., name=...)`)."""
+    """Plug-in factory (`build_captioner("demo.captioner:build_synthetic_captioner", ground_truth=..., form=..., name=...)`)."""
     settings = validate_config(options, SyntheticCaptionerSettings, "caption options (synthetic backend)")
     return SyntheticSceneCaptioner(settings.ground_truth, form=settings.form, name=settings.name)
