@@ -380,6 +380,9 @@ def _card_info(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
 def run(config: CurateConfig) -> dict:
     """Run (or resume) the job; returns the dataset card."""
     from pipelines.ray_cluster import init_ray
+    from pipelines.submit_paths import check_job_paths
+
+    check_job_paths(config, outputs=["output"])
 
     layout = DatasetLayout(config.output)
     layout.root.mkdir(parents=True, exist_ok=True)

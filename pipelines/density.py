@@ -173,6 +173,9 @@ def compute_stats(sources: dict[str, tuple[list[str], str]], stage_options: dict
 def run(config: DensityConfig) -> dict[str, Path]:
     """Compute every source's statistics on Ray and write the report; returns the written files."""
     from pipelines.ray_cluster import init_ray
+    from pipelines.submit_paths import check_job_paths
+
+    check_job_paths(config, outputs=["output_dir"])
 
     try:
         extractor = build_noun_extractor(config.tagger)  # fail before any work when the tagger cannot run

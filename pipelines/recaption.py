@@ -432,6 +432,9 @@ def consolidate(cfg: RecaptionConfig) -> dict:
 def run(cfg: RecaptionConfig) -> dict:
     """Caption every wanted image that no committed part holds yet, then consolidate. Returns the card."""
     from pipelines.ray_cluster import init_ray
+    from pipelines.submit_paths import check_job_paths
+
+    check_job_paths(cfg, outputs=["output"])
 
     cfg.output.mkdir(parents=True, exist_ok=True)
     units = cfg.input.source.build().list_units(cfg.output / SOURCE_INDEX_DIR)
