@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from curation.shard_format import make_key
+from curation.shard_format import CAPTION_NAME_PATTERN, make_key
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -87,6 +87,14 @@ def is_image_name(name: str) -> bool:
 
 def is_tar_name(name: str) -> bool:
     return name.lower().endswith(TAR_EXTENSIONS)
+
+
+def caption_names(captions: dict[str, str]) -> dict[str, str]:
+    """Validate a config's `captions` map (caption name -> where the source finds it): names as shards allow."""
+    for name in captions:
+        if not CAPTION_NAME_PATTERN.match(name):
+            raise ValueError(f"caption name {name!r} must match {CAPTION_NAME_PATTERN.pattern}")
+    return captions
 
 
 def chunked(items: list, size: int) -> Iterator[list]:
