@@ -64,7 +64,7 @@ def upload_excludes(working_dir: Path, runtime_env: dict):
         if path.is_file():
             lines += path.read_text(errors="replace").splitlines()
     spec = PathSpec.from_lines("gitwildmatch", lines)
-    # A bare folder name ("outputs") matches a "outputs/" pattern only as a folder: ask about a file inside it too.
+    # "outputs/" matches only a folder: ask about a file inside the path too ("outputs/vae/" names that folder).
     return lambda rel: spec.match_file(rel) or spec.match_file(f"{rel.rstrip('/')}/_")
 
 
@@ -105,7 +105,8 @@ def check_job_paths(config: BaseModel, outputs: Iterable[str]) -> None:
         if value.startswith("../") or value == "..":
             raise ConfigError(f"{name}: {value!r} points outside the working dir, which is all `ray job submit` "
                               f"uploads; set {name} to an absolute path on storage every node can read")
-        if excluded(value):
+        # Only values that look like paths: a bare word ("data", "original") is a name far more often than a folder.
+        if "/" in value and excluded(value):
             raise ConfigError(f"{name}: {value!r} is not in the job's working dir: `ray job submit` leaves out "
                               f"what .gitignore / .rayignore list (outputs/, data/, .venv, ...); set {name} to an "
                               f"absolute path on storage every node can read")

@@ -54,7 +54,8 @@ def test_a_relative_output_is_refused_naming_the_field(submitted):
 
 
 @pytest.mark.parametrize("field, value, ignored_by", [
-    ("vae__model", "outputs/vae", ".gitignore"), ("vae__model", "outputs", ".gitignore"),
+    ("vae__model", "outputs/vae", ".gitignore"),
+    ("source", {"kind": "folder", "root": "outputs/photos/"}, ".gitignore"),
     ("source", {"kind": "folder", "root": "data/photos"}, ".rayignore"),
     ("t5__model", "scratch/t5", "the runtime env's excludes"),
     ("source", {"kind": "folder", "root": "venv/photos"}, "Ray's defaults")])
@@ -72,3 +73,4 @@ def test_paths_outside_the_working_dir_are_refused(submitted):
 def test_uploaded_relative_paths_and_hub_ids_pass(submitted):
     check_job_paths(config(vae__model="models/vae"), outputs=["output"])  # in the upload: resolves on every node
     check_job_paths(config(vae__model="stabilityai/sd-vae-ft-ema"), outputs=["output"])  # a hub id
+    check_job_paths(config(t5__captions=["data"]), outputs=["output"])  # a name that is also an ignored folder
