@@ -36,7 +36,7 @@ class WorkUnit:
     """
 
     id: str
-    kind: str  # "tar" | "files" | "records"
+    kind: str  # "tar" | "files" | "records" | "stream"
     root: str
     paths: tuple[str, ...]
     sidecar: str | None = None

@@ -127,7 +127,7 @@ class HFDatasetSource(Source):
         root = str(self.local_folder.resolve()) if self.local_folder else self.config.dataset
         if self.streaming:
             shards = self.dataset.num_shards
-            units = [WorkUnit(id=f"shard-{i:06d}", kind="records", root=root, paths=(f"{i}/{shards}",))
+            units = [WorkUnit(id=f"shard-{i:06d}", kind="stream", root=root, paths=(f"{i}/{shards}",))
                      for i in range(shards)]
         else:
             rows, size = len(self.dataset), self.config.unit_size
@@ -139,7 +139,7 @@ class HFDatasetSource(Source):
     # ---- reading (workers) -------------------------------------------------------------------------------------------
     def read_unit(self, unit: WorkUnit) -> Iterator[RawSample]:
         split = self.config.split
-        if unit.id.startswith("shard-"):
+        if unit.kind == "stream":
             index, shards = (int(v) for v in unit.paths[0].split("/"))
             yield from self._read_stream(unit, index, shards, split)
             return
