@@ -61,7 +61,8 @@ class RayHead:
         env = {k: v for k, v in os.environ.items()
                if k not in ("PYTHONPATH", "RAY_ADDRESS") and not k.startswith("RAY_AUTH")}
         env.update(HOME=str(self.home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-                   RAY_USAGE_STATS_ENABLED="0")
+                   RAY_USAGE_STATS_ENABLED="0",
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # nothing to drain for: stop at once on SIGTERM
         env.update(extra or {})
         return env
 
