@@ -36,7 +36,8 @@ class HFDatasetConfig(StrictModel):
     id_column: str | None = Field(None, description="a column of unique ids (default: the row's position)")
     label_column: str | None = Field(None, description="an integer class column (class-conditional data)")
     streaming: bool = Field(False, description="stream the dataset instead of preparing it on disk first; "
-                                               "units are then the stream's shards")
+                                               "units are then the stream's shards (a save_to_disk folder is "
+                                               "always read in place, map-style)")
     unit_size: int = Field(1000, ge=1, description="rows per work unit (map-style)")
     name: str = Field("hf", pattern=r"^[a-z0-9_]+$")
     max_units: int | None = Field(None, ge=1)
