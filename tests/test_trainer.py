@@ -186,8 +186,9 @@ def test_stage1_to_stage2_through_the_trainer(tmp_path):
 def test_stage3_plan_runs_its_substages_in_order(data_root, tmp_path):
     multi = {(64, 64): 8, (64, 96): 8, (96, 64): 8}
     write_dataset(tmp_path / "hq", FixtureSpec(multi, units=1))
+    write_dataset(tmp_path / "hq2x", FixtureSpec({(128, 128): 8, (128, 192): 8}, units=1))
     sub_a = base_config(tmp_path / "hq", tmp_path / "3a", stage=3, run={"steps": 2})
-    sub_b = base_config(tmp_path / "hq", tmp_path / "3b", stage=3, run={"steps": 2},
+    sub_b = base_config(tmp_path / "hq2x", tmp_path / "3b", stage=3, run={"steps": 2},
                         model={"preset": "tiny-MS", "overrides": {"input_size": 16}},  # "2x the resolution"
                         init={"weights": "ignored/when/run/from/the/plan"})
     write_yaml(tmp_path / "3a.yaml", sub_a)
