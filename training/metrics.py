@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -102,7 +103,7 @@ class Reporter:
                                   "; remove it from run.report_to") from None
             # One wandb run per run folder: a resumed training continues it.
             id_file = out / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=config.run.wandb_project, name=config.name, id=run_id, resume="allow",
                                     dir=str(out), config=dumped)
