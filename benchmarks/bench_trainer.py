@@ -147,8 +147,7 @@ def gpu_benchmark(args) -> None:
                     rows.append((resolution, checkpointing, B, images_per_s, mfu, peak))
                 except torch.cuda.OutOfMemoryError:
                     rows.append((resolution, checkpointing, B, None, None, None))
-                if hasattr(trainer.engine, "destroy"):
-                    trainer.engine.destroy()
+                trainer.close()
                 del trainer
                 gc.collect()
 

@@ -151,3 +151,28 @@ def test_interrupted_writes_are_swept_and_an_interrupted_export_is_redone(runs, 
     redone = load_file(str(run / "final" / "model.safetensors"))
     assert all(torch.equal(redone[k], exported[k]) for k in exported)
     assert not [p.name for p in run.rglob(".*tmp*")]
+
+
+@pytest.mark.slow
+def test_weights_are_found_from_run_and_checkpoint_folders(runs):
+    """What training.sample / training.export accept: a run folder, a checkpoint, a weights folder; a checkpoint
+    whose export is gone is reassembled from its ZeRO files and equals what was exported."""
+    from training.weights import load_model, locate
+
+    run = _copy(runs, "locate")
+    assert locate(run).folder == run / "final" and "final" in locate(run).how
+    assert locate(run / "checkpoints" / STEP(4)).folder == run / "weights" / STEP(4)
+    assert locate(run / "checkpoints" / STEP(6)).folder == run / "final"  # the last step's export
+    assert locate(run / "weights" / STEP(2)).folder == run / "weights" / STEP(2)
+
+    exported = {ema: load_model(run / "weights" / STEP(4), ema=ema)[0].state_dict() for ema in (False, True)}
+    shutil.rmtree(run / "weights" / STEP(4))
+    located = locate(run / "checkpoints" / STEP(4))
+    assert "reassembled from the DeepSpeed checkpoint" in located.how
+    assert located.describe(True).startswith(f"using {located.folder / 'ema.safetensors'}")
+    for ema, expected in exported.items():
+        rebuilt = load_model(located.folder, ema=ema)[0].state_dict()
+        assert rebuilt.keys() == expected.keys() and all(torch.equal(rebuilt[k], expected[k]) for k in expected)
+
+    shutil.rmtree(run / "final")
+    assert locate(run).folder == run / "weights" / STEP(2)  # the newest complete export left

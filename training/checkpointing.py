@@ -125,10 +125,15 @@ def checkpoint_problem(folder: Path, world_size: int | None = None) -> str | Non
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        size = path.stat().st_size
+        try:
+            size, crc = path.stat().st_size, None
+            if size == expected["size"]:
+                crc = _crc32(path)
+        except (OSError, KeyError, TypeError) as err:
+            return f"{path} is unreadable ({err.__class__.__name__}: {err})"
         if size != expected["size"]:
             return f"{path} is {size} bytes, {expected['size']} were written (truncated or damaged)"
-        if _crc32(path) != expected["crc32"]:
+        if crc != expected["crc32"]:
             return f"{path} does not match its checksum (damaged)"
     return None
 
