@@ -7,9 +7,10 @@ a builder.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
+from pydantic import AfterValidator
 
 from training.diffusion import GaussianDiffusion
 
@@ -37,3 +38,13 @@ OBJECTIVES: dict[str, Callable] = {"iddpm": IDDPMObjective}
 
 def build_objective(config):
     return OBJECTIVES[config.diffusion.objective](config)
+
+
+def _known(name: str) -> str:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    return name
+
+
+# A config or pipeline.json field naming an objective of the registry.
+ObjectiveName = Annotated[str, AfterValidator(_known)]

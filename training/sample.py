@@ -26,8 +26,8 @@ from training.model import StateDictMismatchError
 from training.sampling import (DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args,
                                generate_images, vae_downsample_factor)
 # The weights folder's contract lives in training.weights; these names are the sampler's public interface.
-from training.weights import (PIPELINE_NAME, PipelineInfo, locate, read_pipeline_info,  # noqa: F401
-                              write_pipeline_info)
+from training.weights import PIPELINE_NAME, PipelineInfo, locate, read_pipeline_info
+from training.weights import write_pipeline_info  # noqa: F401
 from training.weights import load_model as load_weights
 
 

@@ -105,7 +105,7 @@ class Trainer:
         self.config, self.out = config, Path(config.run.output_dir)
         self.model_config = config.pixart_config()
         self.reporter = self.loader = self.engine = self._log_file = None
-        self.dist = dist = setup_distributed(config.run.cpu_threads)
+        self.dist = setup_distributed(config.run.cpu_threads)
         try:
             self._build(with_data)
         except BaseException:

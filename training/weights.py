@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.durable import atomic_write_bytes, publish_replacing, temp_name
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE
 from training.diffusion import PredictionType
-from training.objectives import OBJECTIVES
+from training.objectives import ObjectiveName
 from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, PixArtConfig, load_state_dict_strict
 
 MODEL_NAME = WEIGHTS_NAME  # "model.safetensors"
@@ -64,14 +64,7 @@ class PipelineInfo(BaseModel):
     latent_channels: int | None = None  # the autoencoder's latent channels (the model's in_channels); None: unknown
     text_encoder: str | None = DEFAULT_T5
     prediction_type: PredictionType = "epsilon"  # what the network predicts (the scheduler's)
-    objective: str = "iddpm"  # how it was trained: the noise schedule and loss the samplers must match
-
-    @field_validator("objective")
-    @classmethod
-    def _known_objective(cls, value: str) -> str:
-        if value not in OBJECTIVES:
-            raise ValueError(f"unknown objective {value!r}; known: {sorted(OBJECTIVES)}")
-        return value
+    objective: ObjectiveName = "iddpm"  # how it was trained: the noise schedule and loss the samplers must match
 
 
 def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
