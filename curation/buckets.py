@@ -85,19 +85,31 @@ def cover_size(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, i
     return max(bucket[0], round(height * scale)), max(bucket[1], round(width * scale))
 
 
+def crop_box(height: int, width: int, bucket: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centered box (left, top, right, bottom) of an image `height` x `width` that scales to exactly `bucket`.
+
+    The box keeps the bucket's aspect ratio and spans the image along the side that limits the scale. Float division
+    can make that side exceed the image by a rounding error (a box offset of -1e-14, which PIL refuses), so the
+    box is clamped inside the image: it never leaves it, whatever the sizes.
+    """
+    bucket_h, bucket_w = bucket
+    scale = max(bucket_h / height, bucket_w / width)
+    crop_w, crop_h = min(float(width), bucket_w / scale), min(float(height), bucket_h / scale)
+    left, top = max(0.0, (width - crop_w) / 2), max(0.0, (height - crop_h) / 2)
+    return left, top, min(float(width), left + crop_w), min(float(height), top + crop_h)
+
+
 def resize_to_bucket(image: Image.Image, bucket: tuple[int, int], resample: str = "bicubic") -> Image.Image:
     """Resize to cover `bucket` (H, W), then center crop to it, as one PIL resize over the crop box.
 
     Equivalent to PixArt's Resize(cover) + CenterCrop(bucket) without the intermediate image; the box is in the
-    coordinates of `image` (which may be a draft-decoded reduction of the original).
+    coordinates of `image` (which may be a draft-decoded reduction of the original). The result is exactly the
+    bucket's size for every input size.
     """
     bucket_h, bucket_w = bucket
     width, height = image.size
-    scale = max(bucket_h / height, bucket_w / width)
-    crop_w, crop_h = bucket_w / scale, bucket_h / scale
-    left, top = (width - crop_w) / 2, (height - crop_h) / 2
     return image.resize((bucket_w, bucket_h), Image.Resampling[resample.upper()],
-                        box=(left, top, left + crop_w, top + crop_h))
+                        box=crop_box(height, width, bucket))
 
 
 class InputChangedError(RuntimeError):
@@ -130,24 +142,31 @@ class BucketStage:
         self.caption_image_size = caption_image_size
 
     def __call__(self, unit_row: dict):
+        from curation.failures import mark_failed
         from curation.sources.base import WorkUnit
         from curation.writer import read_plan
 
         unit = WorkUnit.from_row(unit_row)
-        todo = {row["ordinal"]: row["key"] for row in read_plan(self.layout, unit.id) if not row["stage"]}
-        for sample in self.source.iter_unit(unit):
-            key = todo.pop(sample.ordinal, None)
-            if key is None:
-                continue
-            if key != sample.key:
-                raise InputChangedError(f"unit {unit.id}: record {sample.ordinal} is now {sample.key}, was {key} "
-                                        f"when screened; use a fresh output folder for changed input")
-            yield self.prepare(sample)
-        if todo:
-            raise InputChangedError(f"unit {unit.id}: {len(todo)} screened records are gone from the input")
+        try:
+            todo = {row["ordinal"]: row["key"] for row in read_plan(self.layout, unit.id) if not row["stage"]}
+            for sample in self.source.iter_unit(unit):
+                key = todo.pop(sample.ordinal, None)
+                if key is None:
+                    continue
+                if key != sample.key:
+                    raise InputChangedError(f"unit {unit.id}: record {sample.ordinal} is now {sample.key}, was "
+                                            f"{key} when screened; use a fresh output folder for changed input")
+                yield self.prepare(sample)
+            if todo:
+                raise InputChangedError(f"unit {unit.id}: {len(todo)} screened records are gone from the input")
+        except Exception as err:  # noqa: BLE001 - the unit fails, the job goes on with the others
+            # Its samples that went out are staged but the unit never commits: a rerun redoes it from its plan.
+            mark_failed(self.layout, unit.id, "bucket", err)
 
     def prepare(self, sample) -> dict:
-        from curation.images import ImageError, decode, probe
+        """One sample's row: decoded and resized to its bucket, or rejected with the stage and reason."""
+        from curation.failures import sample_rejection
+        from curation.images import ImageError
         from curation.shard_format import FORMAT_VERSION
         from curation.writer import sample_row
 
@@ -156,23 +175,33 @@ class BucketStage:
         if sample.source_meta:
             meta["source_meta"] = sample.source_meta
         try:
-            info = probe(sample.data or b"", self.max_pixels)
-            _, bucket = closest_bucket(info.height, info.width, self.table)
-            need = cover_size(info.height, info.width, bucket)
-            if self.caption_image_size:
-                caption_hw = scaled_size(info.height, info.width, self.caption_image_size)
-                need = (max(need[0], caption_hw[0]), max(need[1], caption_hw[1]))
-            image, info = decode(sample.data or b"", min_size_hw=need, max_pixels=self.max_pixels,
-                                 draft=self.buckets.draft)
-        except ImageError as err:
-            row = sample_row(sample.key, sample.unit, meta, reject_stage="decode", reject_reason=str(err))
-        else:
-            meta.update(bucket=list(bucket), orig_size=[info.height, info.width])
-            pixels = np.asarray(resize_to_bucket(image, bucket, self.buckets.resample))
-            row = sample_row(sample.key, sample.unit, meta, image=pixels)
-            if self.caption_image_size:
-                height, width = caption_hw
-                row["caption_image"] = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+            row = self._bucketed(sample, meta)
+        except Exception as err:  # noqa: BLE001 - one sample never stops the job
+            rejection = sample_rejection("decode" if isinstance(err, ImageError) else "bucket", sample.key, err)
+            row = sample_row(sample.key, sample.unit, meta, reject_stage=rejection.stage,
+                             reject_reason=rejection.reason)
         if self.caption_image_size and "caption_image" not in row:
             row["caption_image"] = np.zeros((0, 0, 3), np.uint8)
+        return row
+
+    def _bucketed(self, sample, meta: dict) -> dict:
+        from curation.images import decode, probe
+        from curation.writer import sample_row
+
+        info = probe(sample.data or b"", self.max_pixels)
+        _, bucket = closest_bucket(info.height, info.width, self.table)
+        need = cover_size(info.height, info.width, bucket)
+        if self.caption_image_size:
+            caption_hw = scaled_size(info.height, info.width, self.caption_image_size)
+            need = (max(need[0], caption_hw[0]), max(need[1], caption_hw[1]))
+        image, info = decode(sample.data or b"", min_size_hw=need, max_pixels=self.max_pixels,
+                             draft=self.buckets.draft)
+        pixels = np.asarray(resize_to_bucket(image, bucket, self.buckets.resample))
+        if pixels.shape != (bucket[0], bucket[1], 3):
+            raise ValueError(f"resized to {pixels.shape}, not the bucket {bucket}")
+        meta.update(bucket=list(bucket), orig_size=[info.height, info.width])
+        row = sample_row(sample.key, sample.unit, meta, image=pixels)
+        if self.caption_image_size:
+            height, width = caption_hw
+            row["caption_image"] = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
         return row

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from curation.aesthetic import AestheticConfig
 from curation.dedup import phash_int
+from curation.failures import mark_failed, sample_rejection
 from curation.images import ImageError, ImageInfo, decode, probe
 from curation.sources.base import RawSample, Rejection, Source, WorkUnit
 from curation.writer import SCREEN_SCHEMA, DatasetLayout, write_parquet
@@ -69,6 +70,14 @@ def screen(sample: RawSample, min_side: int, max_aspect_ratio: float | None, max
     if sample.reject is not None:
         return Screened(sample.reject)
     try:
+        return _screen(sample, min_side, max_aspect_ratio, max_pixels, hash_size)
+    except Exception as err:  # noqa: BLE001 - one sample never stops the job
+        return Screened(sample_rejection("screen", sample.key, err))
+
+
+def _screen(sample: RawSample, min_side: int, max_aspect_ratio: float | None, max_pixels: int | None,
+            hash_size: int | None) -> Screened:
+    try:
         if hash_size:
             # Aim the draft at twice the hash thumbnail: enough detail for a stable pHash, 1/8 scale for big JPEGs.
             side = 8 * hash_size
@@ -93,19 +102,24 @@ class ScreenStage:
         self.min_side = min_side
 
     def __call__(self, unit_row: dict) -> dict:
+        """Unit row in, {unit, seen, passed, failed} out; `failed` is the reason when the unit could not be read."""
         unit = WorkUnit.from_row(unit_row)
         near = self.filters.near_duplicates
         records = []
-        for sample in self.source.iter_unit(unit):
-            result = screen(sample, self.min_side, self.filters.max_aspect_ratio, self.filters.max_pixels,
-                            near.hash_size if near else None)
-            records.append({
-                "unit": unit.id, "ordinal": sample.ordinal, "key": sample.key, "source": sample.source,
-                "source_id": sample.source_id, "stage": result.rejection.stage if result.rejection else "",
-                "reason": result.rejection.reason if result.rejection else "", "phash": result.phash,
-                "orig_h": result.info.height if result.info else None,
-                "orig_w": result.info.width if result.info else None,
-            })
-        write_parquet(self.layout.screen_part(unit.id), pa.Table.from_pylist(records, schema=SCREEN_SCHEMA))
+        try:
+            for sample in self.source.iter_unit(unit):
+                result = screen(sample, self.min_side, self.filters.max_aspect_ratio, self.filters.max_pixels,
+                                near.hash_size if near else None)
+                records.append({
+                    "unit": unit.id, "ordinal": sample.ordinal, "key": sample.key, "source": sample.source,
+                    "source_id": sample.source_id, "stage": result.rejection.stage if result.rejection else "",
+                    "reason": result.rejection.reason if result.rejection else "", "phash": result.phash,
+                    "orig_h": result.info.height if result.info else None,
+                    "orig_w": result.info.width if result.info else None,
+                })
+            write_parquet(self.layout.screen_part(unit.id), pa.Table.from_pylist(records, schema=SCREEN_SCHEMA))
+        except Exception as err:  # noqa: BLE001 - the unit fails, the job goes on with the others
+            failure = mark_failed(self.layout, unit.id, "screen", err)
+            return {"unit": unit.id, "seen": len(records), "passed": 0, "failed": failure["reason"]}
         passed = sum(1 for r in records if not r["stage"])
-        return {"unit": unit.id, "seen": len(records), "passed": passed}
+        return {"unit": unit.id, "seen": len(records), "passed": passed, "failed": ""}
