@@ -16,7 +16,7 @@ from pydantic import Field
 from curation.aesthetic import AestheticConfig
 from curation.dedup import phash_int
 from curation.failures import mark_failed, sample_rejection
-from curation.images import ImageError, ImageInfo, decode, probe
+from curation.images import ImageError, ImageInfo, decode, is_animated, probe
 from curation.sources.base import RawSample, Rejection, Source, WorkUnit
 from curation.writer import SCREEN_SCHEMA, DatasetLayout, write_parquet
 from common.config import StrictModel
@@ -57,6 +57,7 @@ class Screened:
     rejection: Rejection | None
     info: ImageInfo | None = None
     phash: int | None = None
+    animated: bool = False
 
 
 def screen(sample: RawSample, min_side: int, max_aspect_ratio: float | None, max_pixels: int | None,
@@ -89,7 +90,8 @@ def _screen(sample: RawSample, min_side: int, max_aspect_ratio: float | None, ma
     rejection = size_rejection(info, min_side, max_aspect_ratio)
     if rejection is not None:
         return Screened(rejection, info)
-    return Screened(None, info, phash_int(image, hash_size) if hash_size else None)
+    return Screened(None, info, phash_int(image, hash_size) if hash_size else None,
+                    is_animated(sample.data or b"", info) if hash_size else False)
 
 
 class ScreenStage:
@@ -115,7 +117,7 @@ class ScreenStage:
                     "source_id": sample.source_id, "stage": result.rejection.stage if result.rejection else "",
                     "reason": result.rejection.reason if result.rejection else "", "phash": result.phash,
                     "orig_h": result.info.height if result.info else None,
-                    "orig_w": result.info.width if result.info else None,
+                    "orig_w": result.info.width if result.info else None, "animated": result.animated,
                 })
             write_parquet(self.layout.screen_part(unit.id), pa.Table.from_pylist(records, schema=SCREEN_SCHEMA))
         except Exception as err:  # noqa: BLE001 - the unit fails, the job goes on with the others

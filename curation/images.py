@@ -63,6 +63,16 @@ def open_image(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image,
                             orientation=orientation)
 
 
+def is_animated(data: bytes, info: ImageInfo) -> bool:
+    """More than one frame (GIF, APNG, animated WebP); read from the header, no pixels decoded. JPEGs never are."""
+    if info.format == "JPEG":
+        return False
+    try:
+        return bool(getattr(Image.open(io.BytesIO(data)), "is_animated", False))
+    except Exception:  # noqa: BLE001 - a frame table that cannot be read: treat as a still picture
+        return False
+
+
 def probe(data: bytes, max_pixels: int | None = None) -> ImageInfo:
     """Header-only description (size after EXIF orientation, format, mode); decodes no pixels."""
     return open_image(data, max_pixels)[1]

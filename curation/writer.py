@@ -44,7 +44,7 @@ WORK_DIR = "work"
 SCREEN_SCHEMA = pa.schema([("unit", pa.string()), ("ordinal", pa.int64()), ("key", pa.string()),
                            ("source", pa.string()), ("source_id", pa.string()), ("stage", pa.string()),
                            ("reason", pa.string()), ("phash", pa.uint64()), ("orig_h", pa.int64()),
-                           ("orig_w", pa.int64())])
+                           ("orig_w", pa.int64()), ("animated", pa.bool_())])
 PLAN_SCHEMA = pa.schema([("ordinal", pa.int64()), ("key", pa.string()), ("source", pa.string()),
                          ("source_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 REJECTED_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("source_id", pa.string()),

@@ -194,9 +194,11 @@ def plan_units(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
         table = tables[unit.id]
         alive = [i for i, stage in enumerate(table.column("stage").to_pylist()) if not stage]
         picked = table.take(pa.array(alive, pa.int64()))
-        for i, ordinal, key, source_id, phash in zip(alive, *(picked.column(c).to_pylist()
-                                                             for c in ("ordinal", "key", "source_id", "phash"))):
-            candidates.append(Candidate(unit.id, rank, ordinal, key, source_id, phash))
+        columns = [picked.column(c).to_pylist() if c in picked.column_names else [None] * len(alive)
+                   for c in ("ordinal", "key", "source_id", "phash", "orig_h", "orig_w", "animated")]
+        for i, ordinal, key, source_id, phash, height, width, animated in zip(alive, *columns):
+            candidates.append(Candidate(unit.id, rank, ordinal, key, source_id, phash, (height or 0) * (width or 0),
+                                        bool(animated)))
             where.append((unit.id, i))
     near = config.filters.near_duplicates
     duplicates = find_duplicates(candidates, near.max_distance if near else None,
