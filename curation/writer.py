@@ -24,7 +24,6 @@ import heapq
 import json
 import shutil
 import tarfile
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -100,6 +99,13 @@ class DatasetLayout:
         from pipelines.job import is_committed
 
         return is_committed(self.screen_part(unit))  # the screen part is pass 1's marker, with the same rules
+
+    def drop_kept_pixels(self, unit: str) -> None:
+        """Once `unit` is committed, its screen part keeps only the verdicts (the pixels pass 1 kept are spent)."""
+        path = self.screen_part(unit)
+        if path.is_file() and "pixels" in pq.read_schema(path).names:
+            names = [n for n in pq.read_schema(path).names if n not in ("pixels", "caption_pixels")]
+            write_parquet(path, pq.read_table(path, columns=names))
 
     def sweep(self, unit: str) -> None:
         """Remove what a dead attempt at `unit` left: temp files of its outputs and its staged parts."""
@@ -381,11 +387,20 @@ def plot_card(card: dict, path: Path) -> None:
               color=["tab:red"] * (len(outcomes) - 1) + ["tab:green"])
     left.set_title(f"{counts['seen']} samples seen")
     left.set_xlabel("samples")
-    right.bar([b for b, _ in buckets], [n for _, n in buckets], color="tab:blue")
+    left.set_xlim(0, max(outcomes.values(), default=0) * 1.15 or 1)
+    left.bar_label(left.containers[0], fontsize=8)
     right.set_title("accepted samples per bucket (H x W, wide to tall)")
-    right.tick_params(axis="x", rotation=90)
+    if buckets:
+        bars = right.bar([b for b, _ in buckets], [n for _, n in buckets], color="tab:blue")
+        right.bar_label(bars, fontsize=7)
+        right.set_ylim(0, max(n for _, n in buckets) * 1.15)
+        right.tick_params(axis="x", rotation=90)
+    else:
+        from curation.density_report import empty_panel
+
+        empty_panel(right, "no accepted samples")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=100)
+    tmp = temp_name(path)
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    publish(tmp, path)

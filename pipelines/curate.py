@@ -22,18 +22,16 @@ import sys
 
 from pydantic import Field, field_validator
 
-from curation.aesthetic import AestheticStage
 from curation.buckets import BucketConfig, BucketStage
 from curation.captioners.config import CaptionStageConfig
 from curation.dedup import Candidate, find_duplicates
-from curation.encoders import CaptionStage, T5Stage, VaeStage
 from curation.filters import FilterConfig, ScreenStage
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, T5_MAX_LENGTH
 from curation.failures import IsolatedStage, clear_failed, read_failed
 from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE, iter_shard
 from curation.sources import SourceConfig, WorkUnit, build_source
-from curation.writer import (PLAN_SCHEMA, DatasetLayout, IncompleteUnitError, UnitWriter, commit_unit, finalize,
-                             plot_card, read_plan, remove_staging, try_commit, write_parquet)
+from curation.writer import (PLAN_SCHEMA, SCREEN_SCHEMA, DatasetLayout, IncompleteUnitError, UnitWriter, commit_unit,
+                             finalize, plot_card, read_plan, remove_staging, try_commit, write_parquet)
 from common.config import ConfigError, StrictModel, dump_config, load_config
 from pipelines.job import (IMAGE_PROCESSOR, TRANSFORMERS_MODEL, ModelNeed, Stage, StageResources, UnitsFailed,
                            bind_output, captioner_needs, check_output_location, claimed_output, diffusers_needs,
@@ -187,7 +185,10 @@ def plan_units(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = {u.id: pq.read_table(layout.screen_part(u.id)) for u in units}
+    # Only the verdict columns: the screen parts may also hold the kept pixels, which stay on disk for pass 2.
+    columns = [c for c in SCREEN_SCHEMA.names if c != "unit"]
+    tables = {u.id: pq.read_table(layout.screen_part(u.id), columns=[
+        c for c in columns if c in pq.read_schema(layout.screen_part(u.id)).names]) for u in units}
     candidates: list[Candidate] = []
     where: list[tuple[str, int]] = []
     for rank, unit in enumerate(units):
@@ -242,7 +243,8 @@ def run_screen(layout: DatasetLayout, source, units: list[WorkUnit], config: Cur
     for unit in todo:
         layout.sweep(unit.id)
         clear_failed(layout, unit.id)
-    stage = ScreenStage(source, layout.root, config.filters, config.min_side)
+    stage = ScreenStage(source, layout.root, config.filters, config.min_side, config.buckets,
+                        config.caption.image_size if config.caption else None)
     ds = _unit_dataset(todo).map(stage, num_cpus=config.ray.read_num_cpus)
     failed = {}
     pictures = 0
@@ -265,6 +267,9 @@ def build_encode_dataset(layout: DatasetLayout, source, units: list[WorkUnit], c
                          resources: dict[str, dict]):
     """The streaming encode DAG over `units`; its rows are the writer's per-unit summaries. Each model stage is
     an IsolatedStage: a sample that breaks a batch is rejected with the stage's name, the others go on."""
+    from curation.aesthetic import AestheticStage  # torch: imported once the preflight has passed
+    from curation.encoders import CaptionStage, T5Stage, VaeStage
+
     ds = _unit_dataset(units).flat_map(
         BucketStage(source, layout.root, config.buckets, config.filters.max_pixels,
                     config.caption.image_size if config.caption else None),
@@ -310,6 +315,7 @@ def run_encode(layout: DatasetLayout, source, units: list[WorkUnit], todo: dict[
             if row["committed"] and row["unit"] in pending:
                 pending.discard(row["unit"])
                 remove_staging(layout, row["unit"])
+                layout.drop_kept_pixels(row["unit"])
                 bar.set_postfix(units=f"{len(units) - len(pending)}/{len(units)}", refresh=False)
     # Safety net: a unit whose completing part raced with another writer's check commits here.
     failed = {}
@@ -399,6 +405,7 @@ def run(config: CurateConfig) -> dict:
     plot_card(card, layout.root / "dataset_card.png")
     for unit in units:
         remove_staging(layout, unit.id)
+        layout.drop_kept_pixels(unit.id)
     return card
 
 

@@ -96,7 +96,7 @@ def flat_picture(height: int, width: int, seed: int) -> Image.Image:
 
 @pytest.mark.slow
 def test_camera_sizes_in_every_encoding_through_the_curation_job(ray_cluster, tmp_path, tiny_vae_dir):
-    from pipelines.curate import CurateConfig, run
+    from pipelines.curate import CurateConfig, main, run
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -111,6 +111,11 @@ def test_camera_sizes_in_every_encoding_through_the_curation_job(ray_cluster, tm
               "buckets": {"resolution": 256}, "filters": {"near_duplicates": None},
               "vae": {"model": str(tiny_vae_dir)}, "t5": None,
               "ray": {"progress": False, "vae": {"batch_size": 8}}}
+    # First as a user without network would: the default hub VAE stops the job at once, one line naming
+    # vae.model, with no output folder left to refuse the corrected rerun.
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump({**config, "vae": {}}))
+    assert main(["--config", str(tmp_path / "hub.yaml")]) == 2
+    assert not (tmp_path / "out").exists()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     card = run(load_config(tmp_path / "config.yaml", CurateConfig))
 
