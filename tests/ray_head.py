@@ -10,6 +10,7 @@ every Ray on the machine.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,16 +24,23 @@ from pathlib import Path
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports free right now (bound together, so they differ from each other)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+def free_ports(count: int, low: int = 20000, high: int = 32000) -> list[int]:
+    """Ports free right now, drawn from below the kernel's ephemeral range (32768+, where any process's outgoing
+    connections take ports and could take ours between this check and Ray's bind) and above Ray's default worker
+    ports (10002-19999)."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(low, high)
+        if port in ports:
+            continue
+        with closing(socket.socket()) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 class RayHead:
@@ -43,17 +51,19 @@ class RayHead:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))  # short: unix socket paths are limited
         self.num_cpus = num_cpus
         self.object_store_memory = object_store_memory
+        self._pick_ports()
+        self.env = self.user_env(extra_env)
+        self.log = self.home / "ray-start.log"
+        self.proc: subprocess.Popen | None = None
+
+    def _pick_ports(self) -> None:
         gcs, dashboard, client, node_manager, object_manager, agent_grpc, agent_http, runtime_env, metrics = \
             free_ports(9)
-        self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
         self._ports = ["--port", gcs, "--dashboard-port", dashboard, "--ray-client-server-port", client,
                        "--node-manager-port", node_manager, "--object-manager-port", object_manager,
                        "--dashboard-agent-grpc-port", agent_grpc, "--dashboard-agent-listen-port", agent_http,
                        "--runtime-env-agent-port", runtime_env, "--metrics-export-port", metrics]
-        self.env = self.user_env(extra_env)
-        self.log = self.home / "ray-start.log"
-        self.proc: subprocess.Popen | None = None
 
     def user_env(self, extra: dict | None = None) -> dict:
         """The environment of a user of this cluster: our HOME, the venv's `python` first on PATH, no PYTHONPATH
@@ -66,20 +76,27 @@ class RayHead:
         env.update(extra or {})
         return env
 
-    def start(self, timeout: float = 180) -> "RayHead":
-        cmd = [RAY, "start", "--head", "--block", "--temp-dir", str(self.temp_dir), "--num-cpus", str(self.num_cpus),
-               "--object-store-memory", str(self.object_store_memory), "--dashboard-host", "127.0.0.1",
-               "--include-dashboard", "true", "--disable-usage-stats", *map(str, self._ports)]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self._dashboard_up():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"ray start --head did not come up:\n{self.log.read_text()[-4000:]}")
-            time.sleep(1.0)
-        return self
+    def start(self, timeout: float = 180, attempts: int = 3) -> "RayHead":
+        """Start the head; a start that fails (a port taken meanwhile by another process) is retried on new ports."""
+        for attempt in range(attempts):
+            if attempt:
+                self._pick_ports()
+            cmd = [RAY, "start", "--head", "--block", "--temp-dir", str(self.temp_dir), "--num-cpus",
+                   str(self.num_cpus), "--object-store-memory", str(self.object_store_memory), "--dashboard-host",
+                   "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats", *map(str, self._ports)]
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while not self._dashboard_up():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+            else:
+                return self
+            self.stop(remove_temp_dir=False)
+        self.stop()
+        raise RuntimeError(f"ray start --head did not come up:\n{self.log.read_text()[-4000:]}")
 
     def _dashboard_up(self) -> bool:
         """The job server answers (a 401 of a cluster with token auth is an answer too)."""
@@ -118,7 +135,7 @@ class RayHead:
                 continue
         return [pid for pid in pids if pid != os.getpid()]
 
-    def stop(self) -> None:
+    def stop(self, remove_temp_dir: bool = True) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the node's processes on SIGTERM
             try:
@@ -136,7 +153,8 @@ class RayHead:
                 except ProcessLookupError:
                     pass
             time.sleep(1.0)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if remove_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "RayHead":
         return self.start()
