@@ -60,8 +60,8 @@ def project(tmp_path_factory, photos_dir, tiny_vae_dir) -> Path:
     shutil.copytree(tiny_vae_dir, work / "models" / "vae")
     shutil.copytree(tiny_vae_dir, work / "outputs" / "vae")
     sa1b_fixture(base / "shared" / "sa1b", photos_dir)
-    config = curate_config(base / "shared" / "sa1b", base / "shared" / "unset", Path("models/t5"),
-                           Path("models/vae"), caption_delay_s=1.0)
+    config = curate_config(base / "shared" / "sa1b", base / "shared" / "unset", t5_dir=None,
+                           vae_dir=Path("models/vae"), caption_delay_s=1.0)
     config["t5"] = None  # one model stage (the VAE) is enough here, and each costs every job an actor start
     (work / "configs").mkdir()
     (work / "configs" / "submit.yaml").write_text(yaml.safe_dump(config))

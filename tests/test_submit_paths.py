@@ -74,3 +74,18 @@ def test_uploaded_relative_paths_and_hub_ids_pass(submitted):
     check_job_paths(config(vae__model="models/vae"), outputs=["output"])  # in the upload: resolves on every node
     check_job_paths(config(vae__model="stabilityai/sd-vae-ft-ema"), outputs=["output"])  # a hub id
     check_job_paths(config(t5__captions=["data"]), outputs=["output"])  # a name that is also an ignored folder
+
+
+def test_every_job_names_its_own_output_field(submitted):
+    from pipelines.density import DensityConfig, run as density_run
+    from pipelines.recaption import RecaptionConfig, preflight
+
+    recaption = validate_config({"input": {"source": {"kind": "folder", "root": "/shared/photos"}},
+                                 "output": "captions/llava"}, RecaptionConfig)
+    with pytest.raises(ConfigError, match=r"^output: 'captions/llava' is relative"):
+        preflight(recaption)
+
+    config = validate_config({"sources": [{"name": "a", "manifest": "/shared/a", "column": "caption_original"}],
+                              "output_dir": "reports/density"}, DensityConfig)
+    with pytest.raises(ConfigError, match=r"^output_dir: 'reports/density' is relative"):
+        density_run(config)
