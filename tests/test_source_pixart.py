@@ -101,3 +101,18 @@ def test_a_data_info_that_is_not_a_list_of_records_fails_on_the_driver(tmp_path)
         build_source(PixArtConfig(data_info=str(bad))).list_units(tmp_path / "work")
     with pytest.raises(FileNotFoundError, match="source.data_info"):
         build_source(PixArtConfig(data_info=str(tmp_path / "nope.json"))).list_units(tmp_path / "work")
+
+
+def test_relative_paths_give_the_same_units_from_any_copy_of_the_project(tmp_path, monkeypatch):
+    """Under `ray job submit` each session unpacks the project somewhere new: units (which the output folder is
+    bound to) must not carry that place, and each worker resolves the relative folder in its own copy."""
+    listed = []
+    for copy in ("_ray_pkg_a", "_ray_pkg_b"):
+        pixart_layout(tmp_path / copy)
+        monkeypatch.chdir(tmp_path / copy)
+        source = build_source(PixArtConfig(data_info="InternData/data_info.json", images="InternImgs", unit_size=4))
+        units = source.list_units(tmp_path / "work")
+        listed.append([u.to_row() for u in units])
+        first = next(source.iter_unit(units[0]))
+        assert first.data == (tmp_path / copy / "InternImgs" / "a.jpg").read_bytes()
+    assert listed[0] == listed[1]

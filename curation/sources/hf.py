@@ -125,7 +125,7 @@ class HFDatasetSource(Source):
 
     # ---- units (driver) ----------------------------------------------------------------------------------------------
     def list_units(self, work_dir: Path) -> list[WorkUnit]:
-        root = str(self.local_folder.resolve()) if self.local_folder else self.config.dataset
+        root = self.config.dataset  # as configured, for the reason PixArtSource.images_root gives
         if self.streaming:
             shards = self.dataset.num_shards
             units = [WorkUnit(id=f"shard-{i:06d}", kind="stream", root=root, paths=(f"{i}/{shards}",))

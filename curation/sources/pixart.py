@@ -69,10 +69,13 @@ def load_records(path: Path) -> list:
 
 class PixArtSource(Source):
     def images_root(self, info: Path) -> Path:
+        """The image folder as configured, not resolved: a relative one resolves on each worker against its own
+        working dir (each node's copy, under `ray job submit`), and the units, which the output folder is bound
+        to, do not change with the Ray session's temp path."""
         root = Path(self.config.images) if self.config.images else info.parent
         if not root.is_dir():
             raise FileNotFoundError(f"source.images {root} is not a folder")
-        return root.resolve()
+        return root
 
     # ---- listing and routing (driver) ---------------------------------------------------------------------------
     def list_units(self, work_dir: Path) -> list[WorkUnit]:
@@ -121,7 +124,7 @@ class PixArtSource(Source):
     # ---- reading (workers) --------------------------------------------------------------------------------------
     def read_unit(self, unit: WorkUnit) -> Iterator[RawSample]:
         info_name = unit.paths[0].split(":", 1)[0]
-        root = Path(unit.root)
+        root = Path(unit.root).resolve()
         for line in Path(unit.sidecar).read_text().splitlines():
             entry = json.loads(line)
             yield self._record(entry["index"], entry["record"], info_name, root, unit)
