@@ -30,11 +30,11 @@ from curation.aesthetic import AestheticStage
 from curation.buckets import BucketConfig, BucketStage
 from curation.captioners.config import CaptionStageConfig
 from curation.dedup import Candidate, find_duplicates
-from curation.encoders import CaptionStage, T5Stage, VaeStage
+from curation.encoders import CaptionStage, T5Stage, VaeStage, check_vae
 from curation.filters import FilterConfig, ScreenStage
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, T5_MAX_LENGTH, MissingModelError
 from common.durable import atomic_write_bytes
-from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE, iter_shard
+from curation.shard_format import CAPTION_NAME_PATTERN
 from curation.sources import SourceConfig, WorkUnit, build_source
 from curation.writer import (PLAN_SCHEMA, DatasetLayout, IncompleteUnitError, UnitWriter, commit_unit, finalize,
                              plot_card, read_plan, remove_staging, try_commit, write_parquet)
@@ -363,12 +363,10 @@ def _card_info(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
     import pyarrow.parquet as pq
 
     t5 = config.t5 if config.t5 is not None and config.t5.captions else None
-    vae = {"model": config.vae.model, "model_class": config.vae.model_class, "scaling_factor": LATENT_SCALE}
-    first = next((layout.shard(u.id) for u in units if layout.shard(u.id).is_file()), None)
-    if first is not None:
-        sample = next(iter(iter_shard(first)))
-        vae.update(latent_channels=int(sample.latent_mean.shape[0]),
-                   downsample_factor=int(sample.meta["bucket"][0] // sample.latent_mean.shape[1]))
+    v = config.vae
+    # The autoencoder's latent space, from its config: the trainer normalizes the stored latents with it.
+    vae = {"model": v.model, "model_class": v.model_class, "subfolder": v.subfolder,
+           **check_vae(v.model, v.model_class, v.subfolder, config.buckets.table()).to_card()}
     names = {n for u in units for n in pq.read_schema(layout.manifest_part(u.id)).names}
     return {"captions": sorted(n[len("caption_"):] for n in names if n.startswith("caption_")),
             "encoded_captions": list(t5.captions) if t5 else [],
@@ -381,6 +379,7 @@ def run(config: CurateConfig) -> dict:
     """Run (or resume) the job; returns the dataset card."""
     from pipelines.ray_cluster import init_ray
 
+    check_vae(config.vae.model, config.vae.model_class, config.vae.subfolder, config.buckets.table())
     layout = DatasetLayout(config.output)
     layout.root.mkdir(parents=True, exist_ok=True)
     source = build_source(config.source)

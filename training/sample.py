@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
+from common.autoencoder import Autoencoder
+from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
 from training.diffusion import PredictionType
 from training.grid import image_grid, save_png
 from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, StateDictMismatchError, load_state_dict_strict
-from training.sampling import (DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args,
-                               generate_images, vae_downsample_factor)
+from training.sampling import DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args, generate_images
 
 PIPELINE_NAME = "pipeline.json"
 EMA_NAME = "ema.safetensors"
@@ -41,7 +41,11 @@ class PipelineInfo(BaseModel):
     vae: str = DEFAULT_VAE
     vae_class: str = "AutoencoderKL"
     vae_subfolder: str | None = None  # e.g. "vae" when `vae` is a diffusers pipeline folder or repo
-    scaling_factor: float = 0.18215
+    # The latent space the model was trained in, x = (z - vae_shift_factor) * scaling_factor (see
+    # common/autoencoder.py); null (and in files older than the field): the autoencoder config's, a shift of 0.
+    scaling_factor: float | None = None
+    vae_shift_factor: float | None = None
+    latent_channels: int | None = None
     text_encoder: str | None = DEFAULT_T5
     prediction_type: PredictionType = "epsilon"  # what the network predicts (the scheduler's)
 
@@ -64,6 +68,22 @@ def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
     tmp.write_text(json.dumps(info.model_dump(), indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def load_autoencoder(info: PipelineInfo, name_or_path: str | None = None, subfolder: str | None = None,
+                     model_class: str | None = None, in_channels: int | None = None, setting: str = "vae",
+                     dtype: torch.dtype = torch.float32) -> Autoencoder:
+    """The autoencoder pipeline.json names (or the one given), decoding in the latent space the model was trained
+    in: pipeline.json's factors. Its latent channels must be the model's `in_channels`."""
+    vae = Autoencoder.from_pretrained(name_or_path or info.vae, model_class=model_class or info.vae_class,
+                                      subfolder=subfolder if name_or_path else (subfolder or info.vae_subfolder),
+                                      dtype=dtype, setting=setting, scaling_factor=info.scaling_factor,
+                                      shift_factor=info.vae_shift_factor)
+    for expected in (in_channels, info.latent_channels):
+        if expected is not None and vae.latent_channels != expected:
+            raise ValueError(f"{setting}: {name_or_path or info.vae} has {vae.latent_channels} latent "
+                             f"channels, the model takes {expected}")
+    return vae
 
 
 def load_weights(folder: str | os.PathLike, ema: bool | None = None, device: str | torch.device = "cpu",
@@ -144,10 +164,9 @@ def run(args: argparse.Namespace) -> dict:
               file=sys.stderr)
         info = PipelineInfo()
     vae_id = args.vae or info.vae
-    subfolder = args.vae_subfolder if args.vae else (args.vae_subfolder or info.vae_subfolder)
-    vae = load_vae(vae_id, setting="--vae", subfolder=subfolder, model_class=args.vae_class or info.vae_class,
-                   dtype=dtype).to(args.device)
-    factor = vae_downsample_factor(vae)
+    vae = load_autoencoder(info, args.vae, args.vae_subfolder, args.vae_class, cfg.in_channels, "--vae",
+                           dtype).to(args.device)
+    factor = vae.downsample_factor
     height = args.height if args.height is not None else cfg.input_size * factor
     width = args.width if args.width is not None else cfg.input_size * factor
     check_image_size(height, width, factor, cfg.patch_size)  # before the (large) text encoder loads
@@ -165,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
     images = generate_images(
         model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
-        seed=args.seed, scaling_factor=info.scaling_factor, batch_size=args.batch_size, progress=True,
+        seed=args.seed, batch_size=args.batch_size, progress=True,
         prediction_type=info.prediction_type,
     )
 
@@ -177,7 +196,8 @@ def run(args: argparse.Namespace) -> dict:
     save_png(image_grid(images, captions=labels), out / "grid.png")
     record = {
         "checkpoint": str(Path(args.checkpoint).resolve()), "ema": used_ema, "vae": vae_id,
-        "text_encoder": encoder_id, "scaling_factor": info.scaling_factor, "sampler": args.sampler, "steps": steps,
+        "text_encoder": encoder_id, "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
+        "sampler": args.sampler, "steps": steps,
         "cfg_scale": args.cfg_scale, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype,
         "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}
                    for f, v in zip(files, args.prompt or args.class_label)],

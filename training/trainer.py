@@ -194,6 +194,7 @@ class Trainer:
         self.is_main = dist.rank == 0
         self.out = Path(config.run.output_dir)
         self.model_config = config.pixart_config()
+        self.latent_space = config.latent_space()  # the data's latent normalization; checks model in_channels
         self.bf16 = config.deepspeed.precision == "bf16" or (
             config.deepspeed.precision == "auto" and dist.device.type == "cuda")
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
@@ -205,7 +206,7 @@ class Trainer:
         if with_data and self.is_main:
             self._check_dataset_card()
         # Loaded before anything else so that a VAE or T5 that cannot be found stops the run at once.
-        self._grids = (SampleGrids(config, self.model_config, dist.device, self.dtype)
+        self._grids = (SampleGrids(config, self.model_config, self.latent_space, dist.device, self.dtype)
                        if self.is_main and config.sampling.every else None)
 
         # Identical initial weights on every rank: the same seed, then the same previous-stage weights.
@@ -265,7 +266,9 @@ class Trainer:
         vae, t5 = card.get("vae") or {}, card.get("text_encoder") or {}
         for field, ours, theirs in (("pretrained.vae", pre.vae, vae.get("model")),
                                     ("pretrained.vae_class", pre.vae_class, vae.get("model_class")),
-                                    ("pretrained.scaling_factor", pre.scaling_factor, vae.get("scaling_factor")),
+                                    ("pretrained.scaling_factor", self.latent_space.scaling_factor,
+                                     vae.get("scaling_factor")),
+                                    ("pretrained.shift_factor", self.latent_space.shift_factor, vae.get("shift_factor")),
                                     ("pretrained.text_encoder", pre.text_encoder, t5.get("model"))):
             if theirs is not None and theirs != ours:
                 log.warning("%s is %r but %s was encoded with %r", field, ours, card_file.parent, theirs)
@@ -325,7 +328,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         """One update from a loader batch: {"loss": global mean, "skipped": bool, "images": local count}."""
         device = self.dist.device
-        x0 = draw_latents(batch, self.generator, self.config.pretrained.scaling_factor, device)
+        x0 = draw_latents(batch, self.generator, self.latent_space, device)
         if x0.shape[1] != self.model_config.in_channels:
             raise ConfigError(f"model.overrides.in_channels: the data's latents have {x0.shape[1]} channels, the "
                               f"model takes {self.model_config.in_channels}")
@@ -553,7 +556,9 @@ class Trainer:
             save_file(self.ema.full_state_dict(model), str(tmp / EMA_WEIGHTS_NAME),
                       metadata={"format": "pt", "model": "PixArt"})
         pre = self.config.pretrained
-        write_pipeline_info(tmp, PipelineInfo(vae=pre.vae, vae_class=pre.vae_class, scaling_factor=pre.scaling_factor,
+        space = self.latent_space
+        write_pipeline_info(tmp, PipelineInfo(vae=pre.vae, vae_class=pre.vae_class, scaling_factor=space.scaling_factor,
+                                              vae_shift_factor=space.shift_factor, latent_channels=space.channels,
                                               text_encoder=pre.text_encoder, vae_subfolder=pre.vae_subfolder,
                                               prediction_type=self.config.diffusion.prediction_type))
         trainer_info = {"stage": self.config.stage, "name": self.config.name, "step": self.state.step,
@@ -584,13 +589,18 @@ class SampleGrids:
     the VAE named in the config, the fixed prompts' T5 features (the encoder itself is freed, T5-XXL is large),
     and a PixArt to load the weights into."""
 
-    def __init__(self, config: TrainConfig, model_config, device: torch.device, dtype: torch.dtype):
-        from common.pretrained import load_text_encoder, load_vae
+    def __init__(self, config: TrainConfig, model_config, latent_space, device: torch.device, dtype: torch.dtype):
+        from common.autoencoder import Autoencoder
+        from common.pretrained import load_text_encoder
 
         self.config, self.model_config, self.device = config, model_config, device
         pre = config.pretrained
-        self.vae = load_vae(pre.vae, setting="pretrained.vae", subfolder=pre.vae_subfolder,
-                            model_class=pre.vae_class).to(device)
+        self.vae = Autoencoder.from_pretrained(pre.vae, model_class=pre.vae_class, subfolder=pre.vae_subfolder,
+                                               setting="pretrained.vae", scaling_factor=latent_space.scaling_factor,
+                                               shift_factor=latent_space.shift_factor).to(device)
+        if self.vae.space != latent_space:
+            raise ConfigError(f"pretrained.vae: {pre.vae} has the latent space {self.vae.space}, the data's is "
+                              f"{latent_space}")
         self.prompts = None
         if model_config.text_conditioned:
             encoder = load_text_encoder(pre.text_encoder, setting="pretrained.text_encoder",
@@ -615,7 +625,7 @@ class SampleGrids:
         images = generate_images(self.model, self.vae, self.prompts, cfg.prompts if text else None,
                                  class_labels=None if text else cfg.class_labels, height=height, width=width,
                                  sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                 seed=cfg.seed, scaling_factor=self.config.pretrained.scaling_factor,
+                                 seed=cfg.seed,
                                  prediction_type=self.config.diffusion.prediction_type)
         captions = cfg.prompts if text else [f"class {c}" for c in cfg.class_labels]
         return save_png(image_grid(images, captions=captions), path)
