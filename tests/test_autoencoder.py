@@ -177,6 +177,12 @@ def test_training_preflight_follows_the_dataset_card(tmp_path):
     (tmp_path / "data" / "dataset_card.json").write_text(json.dumps(card))
     with pytest.raises(ConfigError, match=r"^model.overrides.in_channels: .* 32 channels, the model takes 16"):
         config().latent_space()
+    # 32x latents of a 544 px side are 17 wide: not whole 2x2 patches.
+    card = {"vae": {"latent_channels": 16, "downsample_factor": 32, "scaling_factor": 1.0},
+            "buckets": {"512x512": 3, "544x480": 1}}
+    (tmp_path / "data" / "dataset_card.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match=r"^data.root: buckets \['544x480'\] .* a multiple of 64"):
+        config().latent_space()
     # A card from before the shift was recorded: SD's VAE, no shift.
     shutil.rmtree(tmp_path / "data")
     write_dataset(tmp_path / "data", FixtureSpec({(64, 64): 4}, units=1))

@@ -227,23 +227,33 @@ class TrainConfig(StrictModel):
     def latent_space(self) -> LatentSpace:
         """The latent space the data's latents live in: the dataset card's `vae` section (curation wrote the
         autoencoder's config there), else PixArt's SD VAE with a warning; pretrained.scaling_factor / shift_factor
-        replace its factors when set. A model whose in_channels differ from the latent channels is refused."""
+        replace its factors when set. Refused before any work: a model whose in_channels differ from the latent
+        channels, and buckets whose latents are not whole patches."""
         card_file = Path(self.data.root) / CARD_FILE
-        card = json.loads(card_file.read_text()).get("vae") or {} if card_file.is_file() else {}
-        recorded = {field: card[key] for field, key in (("channels", "latent_channels"),
+        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        vae = card.get("vae") or {}
+        recorded = {field: vae[key] for field, key in (("channels", "latent_channels"),
                                                         ("downsample_factor", "downsample_factor"),
                                                         ("scaling_factor", "scaling_factor"),
-                                                        ("shift_factor", "shift_factor")) if card.get(key) is not None}
+                                                        ("shift_factor", "shift_factor")) if vae.get(key) is not None}
         if "scaling_factor" not in recorded and self.pretrained.scaling_factor is None:
             log.warning("data.root: %s records no autoencoder scaling_factor; assuming PixArt's SD VAE (%s); set "
                         "pretrained.scaling_factor and pretrained.shift_factor for another autoencoder",
                         card_file, SD_VAE_SPACE)
         space = dataclasses.replace(SD_VAE_SPACE, **recorded).with_factors(self.pretrained.scaling_factor,
                                                                             self.pretrained.shift_factor)
-        in_channels = self.pixart_config().in_channels
-        if in_channels != space.channels:
+        model = self.pixart_config()
+        if model.in_channels != space.channels:
             raise ConfigError(f"model.overrides.in_channels: the autoencoder's latents ({card_file}) have "
-                              f"{space.channels} channels, the model takes {in_channels}; set it to {space.channels}")
+                              f"{space.channels} channels, the model takes {model.in_channels}; set it to "
+                              f"{space.channels}")
+        # A 32x autoencoder makes odd latent sides easy to get (512 px buckets are multiples of 32).
+        whole = space.downsample_factor * model.patch_size
+        bad = [b for b in card.get("buckets") or {} if any(int(side) % whole for side in b.split("x"))]
+        if bad:
+            raise ConfigError(f"data.root: buckets {bad[:3]} of {card_file.parent} are not whole {model.patch_size}x"
+                              f"{model.patch_size} patches of {space.downsample_factor}x latents; curate with "
+                              f"buckets.multiple a multiple of {whole}")
         return space
 
 
