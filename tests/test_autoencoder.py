@@ -3,7 +3,6 @@ shift (SD3/FLUX) and AutoencoderDC (Sana), saved with save_pretrained and loaded
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -154,18 +153,20 @@ def test_the_demo_codec_is_read_like_any_autoencoder(tmp_path):
     assert mean.shape == (1, 4, 4, 8) and torch.equal(std, torch.zeros_like(mean)) and ae.dtype == torch.float32
 
 
-def test_training_preflight_follows_the_dataset_card(tmp_path):
-    """The trainer normalizes with the card's latent space (curation wrote the autoencoder's config there); a
-    model whose in_channels differ is refused in one line naming the field; explicit factors win."""
+def test_training_follows_the_dataset_card_and_its_preflight_the_autoencoder(tmp_path):
+    """The trainer normalizes with the card's latent space (curation wrote the autoencoder's config there), explicit
+    factors win; the preflight refuses, in one line naming the field, a model whose in_channels differ from the
+    latents' channels and buckets whose latents are not whole patches."""
     from tests.shard_fixtures import FixtureSpec, write_dataset
+    from training.preflight import PreflightError, preflight
     from training.train_config import TrainConfig
 
     write_dataset(tmp_path / "data", FixtureSpec({(64, 64): 4}, units=1, latent_channels=16))
 
-    def config(**pretrained):
+    def config(in_channels=16, root="data", **pretrained):
         return TrainConfig.model_validate({
-            "stage": 2, "model": {"preset": "tiny", "overrides": {"in_channels": 16}},
-            "data": {"root": str(tmp_path / "data"), "caption": "llava", "batch_size": 2},
+            "stage": 2, "model": {"preset": "tiny", "overrides": {"in_channels": in_channels}},
+            "data": {"root": str(tmp_path / root), "caption": "llava", "batch_size": 2},
             "pretrained": pretrained, "run": {"output_dir": str(tmp_path / "out"), "steps": 1}})
 
     card = {"vae": {"model": "x", "latent_channels": 16, "downsample_factor": 8, "scaling_factor": 1.5305,
@@ -173,21 +174,14 @@ def test_training_preflight_follows_the_dataset_card(tmp_path):
     (tmp_path / "data" / "dataset_card.json").write_text(json.dumps(card))
     assert config().latent_space() == LatentSpace(16, 8, 1.5305, 0.0609)
     assert config(scaling_factor=2.0, shift_factor=0.0).latent_space() == LatentSpace(16, 8, 2.0, 0.0)
-    card["vae"]["latent_channels"] = 32
-    (tmp_path / "data" / "dataset_card.json").write_text(json.dumps(card))
-    with pytest.raises(ConfigError, match=r"^model.overrides.in_channels: .* 32 channels, the model takes 16"):
-        config().latent_space()
-    # 32x latents of a 544 px side are 17 wide: not whole 2x2 patches.
-    card = {"vae": {"latent_channels": 16, "downsample_factor": 32, "scaling_factor": 1.0},
-            "buckets": {"512x512": 3, "544x480": 1}}
-    (tmp_path / "data" / "dataset_card.json").write_text(json.dumps(card))
-    with pytest.raises(ConfigError, match=r"^data.root: buckets \['544x480'\] .* a multiple of 64"):
-        config().latent_space()
+    preflight(config())
+    with pytest.raises(PreflightError, match=r"^model.overrides.in_channels: .* 16 channels, .* in_channels=32$"):
+        preflight(config(in_channels=32))
+    # A 544 px side of a 32x autoencoder is 17 latents: the fixture's 72 px at 8x (9 latents) is the same case.
+    write_dataset(tmp_path / "odd", FixtureSpec({(72, 64): 4}, units=1, latent_channels=16))
+    with pytest.raises(PreflightError, match=r"^data.root: latents of 9x8 are not whole patches \(model patch_size 2\)"):
+        preflight(config(root="odd"))
     # A card from before the shift was recorded: SD's VAE, no shift.
-    shutil.rmtree(tmp_path / "data")
-    write_dataset(tmp_path / "data", FixtureSpec({(64, 64): 4}, units=1))
     (tmp_path / "data" / "dataset_card.json").write_text(json.dumps(
         {"vae": {"scaling_factor": 0.18215, "latent_channels": 4, "downsample_factor": 8}}))
-    cfg = config()
-    cfg.model.overrides.clear()
-    assert cfg.latent_space() == SD_VAE_SPACE
+    assert config(in_channels=4).latent_space() == SD_VAE_SPACE

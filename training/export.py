@@ -18,11 +18,9 @@ from pathlib import Path
 from common.autoencoder import Autoencoder
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, load_text_encoder
 from training.checkpoint import to_diffusers
-from training.model import WEIGHTS_NAME, PixArt
-from training.sample import PipelineInfo, load_autoencoder, read_pipeline_info
+from training.model import PixArt
 from training.sampling import dpm_solver_scheduler
-
-EMA_NAME = "ema.safetensors"
+from training.weights import EMA_NAME, MODEL_NAME, PipelineInfo, load_model, locate, read_pipeline_info
 
 
 @dataclass
@@ -30,16 +28,28 @@ class ExportSources:
     """Where the non-transformer components come from."""
 
     vae: str
+    vae_class: str
+    scaling_factor: float | None  # the latent space trained in (pipeline.json's); None: the VAE config's
     text_encoder: str
-    info: PipelineInfo  # the weights folder's pipeline.json: the autoencoder and the latent space trained in
     prediction_type: str = "epsilon"
+    vae_subfolder: str | None = None
+    shift_factor: float | None = None
 
 
 def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
-    """Flags win over the weights folder's pipeline.json, which wins over the PixArt-alpha defaults."""
-    info = read_pipeline_info(checkpoint) or PipelineInfo()
-    return ExportSources(vae=vae or info.vae, text_encoder=text_encoder or info.text_encoder or DEFAULT_T5,
-                         info=info, prediction_type=info.prediction_type)
+    """Flags win over the weights folder's pipeline.json (training.weights.PipelineInfo), which wins over the
+    PixArt-alpha defaults. A --vae flag names a VAE of its own, so pipeline.json's subfolder does not apply to it."""
+    recorded = read_pipeline_info(checkpoint)
+    info = recorded or PipelineInfo()
+    return ExportSources(
+        vae=vae or info.vae,
+        vae_class=info.vae_class,
+        scaling_factor=info.scaling_factor if recorded is not None else None,
+        text_encoder=text_encoder or info.text_encoder or DEFAULT_T5,
+        prediction_type=info.prediction_type,
+        vae_subfolder=None if vae else info.vae_subfolder,
+        shift_factor=info.vae_shift_factor if recorded is not None else None,
+    )
 
 
 def pixart_pipeline_refusal(vae: Autoencoder) -> str | None:
@@ -66,12 +76,15 @@ def build_pipeline(model: PixArt, sources: ExportSources):
         # PixArtAlphaPipeline passes resolution/aspect ratio only when transformer sample_size == 128 (1024 px).
         raise ValueError(f"PixArtAlphaPipeline feeds micro-conditions only to 1024-px models (input_size=128); this "
                          f"model has micro_conditions=True and input_size={cfg.input_size}")
-    flag = sources.vae if sources.vae != sources.info.vae else None  # pipeline.json's VAE comes with its subfolder
-    vae = load_autoencoder(sources.info, flag, in_channels=cfg.in_channels,
-                           setting="--vae (or 'vae' in pipeline.json)")
+    vae = Autoencoder.from_pretrained(sources.vae, model_class=sources.vae_class, subfolder=sources.vae_subfolder,
+                                      setting="--vae (or 'vae' in pipeline.json)",
+                                      scaling_factor=sources.scaling_factor, shift_factor=sources.shift_factor)
     refusal = pixart_pipeline_refusal(vae)
     if refusal:
         raise ValueError(f"--vae: {refusal}")
+    if vae.latent_channels != cfg.in_channels:
+        raise ValueError(f"--vae {sources.vae}: {vae.latent_channels} latent channels, the model expects "
+                         f"{cfg.in_channels}")
     # The latents were scaled with pipeline.json's factor during training; the pipeline must unscale with it.
     vae.model.register_to_config(scaling_factor=vae.scaling_factor)
     text = load_text_encoder(sources.text_encoder, setting="--text-encoder (or 'text_encoder' in pipeline.json)")
@@ -87,18 +100,16 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
            ema: bool | None = None) -> Path:
     """Write the pipeline folder `out` (through a temp folder renamed when complete). ema=None uses
     ema.safetensors when the weights folder has one."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    if ema is None:
-        ema = (checkpoint / EMA_NAME).is_file()
-    elif ema and not (checkpoint / EMA_NAME).is_file():
-        raise FileNotFoundError(f"--ema: {checkpoint} has no {EMA_NAME}; export {WEIGHTS_NAME} with --no-ema")
-    model = PixArt.from_pretrained(checkpoint, filename=EMA_NAME if ema else WEIGHTS_NAME)
+    located, out = locate(checkpoint), Path(out)
+    checkpoint = located.folder
+    model, ema = load_model(checkpoint, ema)
+    print(located.describe(ema), flush=True)
     pipeline = build_pipeline(model, read_sources(checkpoint, vae, text_encoder))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)
     (tmp / "pixart_export.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint.resolve()), "weights": EMA_NAME if ema else WEIGHTS_NAME,
+        {"checkpoint": str(checkpoint.resolve()), "weights": EMA_NAME if ema else MODEL_NAME,
          "pixart_config": model.config.to_dict()}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -108,7 +119,8 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description="Export PixArt weights as a diffusers PixArtAlphaPipeline folder.")
-    parser.add_argument("--checkpoint", required=True, help="weights folder (config.json + model.safetensors)")
+    parser.add_argument("--checkpoint", required=True, help="a weights folder (config.json + model.safetensors), a run "
+                        "folder (its final weights) or a run's checkpoints/step_N folder")
     parser.add_argument("--out", required=True, help="pipeline folder to write")
     parser.add_argument("--vae", help="VAE hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_VAE)
     parser.add_argument("--text-encoder", help="T5 hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_T5)
