@@ -26,6 +26,7 @@ from typing import Mapping
 
 import torch
 
+from common.config import ConfigError
 from common.pretrained import load_vae, load_vae_config
 
 
@@ -90,7 +91,7 @@ def read_latent_space(name_or_path: str, model_class: str = "AutoencoderKL", sub
     try:
         return LatentSpace.from_config(config)
     except ValueError as err:
-        raise ValueError(f"{setting}: {name_or_path!r}: {err}") from None
+        raise ConfigError(f"{setting}: {name_or_path!r}: {err}") from None
 
 
 class Autoencoder:
