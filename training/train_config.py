@@ -252,9 +252,8 @@ class TrainConfig(StrictModel):
             log.warning("data.root: %s records no autoencoder scaling_factor; assuming PixArt's SD VAE (%s); set "
                         "pretrained.scaling_factor and pretrained.shift_factor for another autoencoder",
                         card_file, SD_VAE_SPACE)
-        space = dataclasses.replace(SD_VAE_SPACE, **recorded).with_factors(self.pretrained.scaling_factor,
-                                                                            self.pretrained.shift_factor)
-        return space
+        return dataclasses.replace(SD_VAE_SPACE, **recorded).with_factors(self.pretrained.scaling_factor,
+                                                                           self.pretrained.shift_factor)
 
 
 class StagePlan(StrictModel):
