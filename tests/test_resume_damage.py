@@ -176,3 +176,35 @@ def test_weights_are_found_from_run_and_checkpoint_folders(runs):
 
     shutil.rmtree(run / "final")
     assert locate(run).folder == run / "weights" / STEP(2)  # the newest complete export left
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_continues_the_same_trajectory(runs):
+    """A real SIGKILL while training (wherever it lands: a step, a checkpoint, an export), then the same command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_trainer import ROOT
+
+    straight, _, data, tmp = runs
+    run = tmp / "killed"
+    shutil.rmtree(run, ignore_errors=True)
+    config_file = tmp / "killed-8.yaml"
+    _config(data, tmp, run, 8)  # writes config_file
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "training.trainer", "--config", str(config_file)], cwd=ROOT,
+                            env={**env, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / STEP(4)).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = train(load_train_config(config_file))
+    step = int(resumed.resumed_from.rsplit("_", 1)[1])
+    assert step >= 2 and resumed.losses == straight[step:8]
+    final = load_file(str(run / "final" / "model.safetensors"))
+    expected = load_file(str(tmp / "straight" / "final" / "model.safetensors"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)

@@ -180,7 +180,11 @@ class Trainer:
     def _init_weights(self, model: PixArt, resuming: bool) -> dict | None:
         init, report_file = self.config.init, self.out / "init_report.json"
         if resuming:  # the checkpoint's weights replace these; keep the original report
-            return json.loads(report_file.read_text()) if report_file.is_file() else None
+            try:
+                return json.loads(report_file.read_text()) if report_file.is_file() else None
+            except (OSError, ValueError) as err:
+                log.warning("%s is unreadable (%s); the run continues without it", report_file, err)
+                return None
         if not init.weights:
             return None
         report = init_from_previous(model, init.weights, init.transition, init.use_ema, init.t_star)
