@@ -29,6 +29,7 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -126,7 +127,7 @@ class Trainer:
                                                              and dist.device.type == "cuda")
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.objective = build_objective(config)
-        self.counters, self.losses, self._micro = TrainState(), [], []
+        self.counters, self.losses, self._micro, self._window = TrainState(), [], [], []
         cfg = self.model_config
         if with_data:
             self.loader = ShardLoader(checked.plan, config.data.root, dist.rank, config.data.caption,
@@ -176,6 +177,11 @@ class Trainer:
         barrier()
         self.reporter = Reporter(self.out, config, enabled=self.is_main)
         self.throughput = Throughput(cfg, device_peak_tflops(dist.device, config.run.peak_tflops))
+        # (every N updates, action), run in this order after an update and after the last one; an extension (an
+        # evaluation, say) appends its own.
+        self.periodic: list[tuple[int, Callable[[], object]]] = [
+            (config.run.log_every, self._log_scalars), (config.run.checkpoint_every, self.save),
+            (config.sampling.every, self.sample_grid)]
 
     def _init_weights(self, model: PixArt, resuming: bool) -> dict | None:
         init, report_file = self.config.init, self.out / "init_report.json"
@@ -258,7 +264,6 @@ class Trainer:
         run = self.config.run
         bar = tqdm(total=run.steps, initial=min(self.counters.step, run.steps), desc=self.config.name, unit="step",
                    disable=not (self.is_main and run.progress), dynamic_ncols=True)
-        window: list[dict] = []
         try:
             while self.counters.step < run.steps:
                 batch = self.loader.next_batch()
@@ -269,17 +274,12 @@ class Trainer:
                 self.throughput.add(batch)
                 if not out["updated"]:
                     continue
-                window.append(out)
+                self._window.append(out)
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}")
-                step, last = self.counters.step, self.counters.step == run.steps
-                if step % run.log_every == 0 or last:
-                    self._log_scalars(window)
-                    window = []
-                if step % run.checkpoint_every == 0 or last:
-                    self.save()
-                if self.config.sampling.every and (step % self.config.sampling.every == 0 or last):
-                    self.sample_grid()
+                for every, action in self.periodic:
+                    if every and (self.counters.step % every == 0 or self.counters.step == run.steps):
+                        action()
         finally:
             bar.close()
         return self._result()
@@ -294,7 +294,8 @@ class Trainer:
                                    f"(run.max_bad_steps); stopped with a checkpoint of the last good state in "
                                    f"{self.out / CHECKPOINTS}. Lower optimizer.lr or check the data.")
 
-    def _log_scalars(self, window: list[dict]) -> None:
+    def _log_scalars(self) -> None:
+        window, self._window = self._window, []
         if not self.is_main or not window:
             return
         last = window[-1]
