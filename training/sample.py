@@ -27,7 +27,7 @@ from training.sampling import (DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_siz
                                generate_images, vae_downsample_factor)
 # The weights folder's contract lives in training.weights; these names are the sampler's public interface.
 from training.weights import PIPELINE_NAME, PipelineInfo, locate, read_pipeline_info
-from training.weights import write_pipeline_info  # noqa: F401
+from training.weights import EMA_NAME, write_pipeline_info  # noqa: F401  (names callers import from here)
 from training.weights import load_model as load_weights
 
 
