@@ -109,6 +109,7 @@ def test_a_transition_without_weights_is_a_config_error(datasets, tmp_path):
             config(tmp_path, datasets / "ok", init={"weights": None, "transition": transition})
 
 
+@pytest.mark.slow  # imports DeepSpeed through the launcher
 def test_dry_run_runs_the_preflight_and_chained_substages_check_against_their_predecessor(datasets, tmp_path,
                                                                                            capsys):
     cfg = write_yaml(tmp_path / "bad.yaml", base_config(datasets / "ok", tmp_path / "run",

@@ -208,3 +208,17 @@ def test_kill_9_mid_run_then_resume_continues_the_same_trajectory(runs):
     final = load_file(str(run / "final" / "model.safetensors"))
     expected = load_file(str(tmp / "straight" / "final" / "model.safetensors"))
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_a_config_error_not_damage(runs, caplog):
+    _, _, data, tmp = runs
+    run = _copy(runs, "other-model")
+    cfg = base_config(data, run, model={"preset": "tiny", "overrides": {"depth": 3}},
+                      data={"batch_size": 3, "num_workers": 0}, run={"steps": 8, "checkpoint_every": 2, "keep_last": 3})
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.overrides: checkpoint .*step_00000006 was written for another "
+                                          r"model \(depth: 2 -> 3\)"):
+        train(load_train_config(write_yaml(tmp / "other-model.yaml", cfg)))
+    assert not list((run / "checkpoints").glob("*.damaged-*"))  # nothing was treated as damage

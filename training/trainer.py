@@ -155,7 +155,8 @@ class Trainer:
         states = {"engine": self.engine, "counters": self.counters, "rng": RNGState(self.generator, dist.device)}
         states.update({k: v for k, v in (("ema", self.ema), ("loader", self.loader)) if v is not None})
         self.checkpoints = CheckpointManager(self.out / CHECKPOINTS, states, dist.rank, dist.world_size,
-                                             config.run.keep_last, extra_files=self._checkpoint_extras)
+                                             config.run.keep_last, extra_files=self._checkpoint_extras,
+                                             check_compatible=self._same_model)
         resumed = self.checkpoints.resume()
         if resumed is None and history:
             raise CheckpointError(f"{self.out} holds {', '.join(history[:4])} but no checkpoints to resume from; "
@@ -366,6 +367,19 @@ class Trainer:
     def _checkpoint_extras(self) -> dict[str, bytes]:
         return {"config.json": json.dumps(self.model_config.to_dict(), indent=2).encode(),
                 PIPELINE_NAME: json.dumps(self.pipeline_info().model_dump(), indent=2).encode()}
+
+    def _same_model(self, checkpoint: Path) -> None:
+        """A checkpoint of another model (model.preset / model.overrides changed since) is a ConfigError."""
+        try:
+            theirs = json.loads((checkpoint / "config.json").read_text())
+        except (OSError, ValueError):
+            return  # absent in the manifest or damaged: validation and loading judge it
+        ours = json.loads(json.dumps(self.model_config.to_dict()))  # as JSON reads it back (tuples -> lists)
+        differ = [f"{k}: {theirs.get(k)} -> {v}" for k, v in ours.items()
+                  if k != "gradient_checkpointing" and theirs.get(k) != v]
+        if differ:
+            raise ConfigError(f"model.overrides: checkpoint {checkpoint} was written for another model "
+                              f"({'; '.join(differ)}); restore those settings or choose a new run.output_dir")
 
     def _weights_target(self) -> Path:
         step = self.counters.step
