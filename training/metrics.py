@@ -95,13 +95,8 @@ class Reporter:
             self.tb = SummaryWriter(str(out / "tensorboard"))
             self.tb.add_text("config", "```\n" + json.dumps(dumped, indent=2) + "\n```", 0)
         if "wandb" in config.run.report_to:
-            try:
-                import wandb
-            except ImportError:
-                from common.config import ConfigError
+            import wandb  # preflight checked it is installed
 
-                raise ConfigError("run.report_to: wandb is not installed (pip install 'pixart-from-scratch[wandb]')"
-                                  "; remove it from run.report_to") from None
             # One wandb run per run folder: a resumed training continues it.
             id_file = out / "wandb_id"
             run_id = (id_file.read_text(errors="replace").strip() if id_file.is_file() else "")
