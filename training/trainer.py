@@ -47,8 +47,9 @@ from training.objectives import build_objective
 from training.preflight import preflight
 from training.stages import TransitionError, init_from_previous
 from training.train_config import TrainConfig, load_train_config
-from training.weights import (CHECKPOINTS_DIR, FINAL, PIPELINE_NAME, WEIGHTS_DIR, PipelineInfo, step_folders,
-                              weights_problem, write_weights_folder)
+from training.weights import (CHECKPOINTS_DIR, CONFIG_NAME, FINAL, PIPELINE_NAME, WEIGHTS_DIR, PipelineInfo,
+                              encode_config, encode_pipeline_info, step_folders, weights_problem,
+                              write_weights_folder)
 
 log = logging.getLogger("training.trainer")
 
@@ -365,13 +366,13 @@ class Trainer:
                             objective=self.config.diffusion.objective)
 
     def _checkpoint_extras(self) -> dict[str, bytes]:
-        return {"config.json": json.dumps(self.model_config.to_dict(), indent=2).encode(),
-                PIPELINE_NAME: json.dumps(self.pipeline_info().model_dump(), indent=2).encode()}
+        return {CONFIG_NAME: encode_config(self.model_config),
+                PIPELINE_NAME: encode_pipeline_info(self.pipeline_info())}
 
     def _same_model(self, checkpoint: Path) -> None:
         """A checkpoint of another model (model.preset / model.overrides changed since) is a ConfigError."""
         try:
-            theirs = json.loads((checkpoint / "config.json").read_text())
+            theirs = json.loads((checkpoint / CONFIG_NAME).read_text())
         except (OSError, ValueError):
             return  # absent in the manifest or damaged: validation and loading judge it
         ours = json.loads(json.dumps(self.model_config.to_dict()))  # as JSON reads it back (tuples -> lists)

@@ -78,9 +78,17 @@ def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
         raise ValueError(f"{path}: not a valid {PIPELINE_NAME}: {err}") from None
 
 
+def encode_pipeline_info(info: PipelineInfo) -> bytes:
+    return (json.dumps(info.model_dump(), indent=2) + "\n").encode()
+
+
+def encode_config(config: PixArtConfig) -> bytes:
+    return (json.dumps(config.to_dict(), indent=2) + "\n").encode()
+
+
 def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
     path = Path(folder) / PIPELINE_NAME
-    atomic_write_bytes(path, (json.dumps(info.model_dump(), indent=2) + "\n").encode())
+    atomic_write_bytes(path, encode_pipeline_info(info))
     return path
 
 
@@ -100,14 +108,14 @@ def write_weights_folder(folder: str | os.PathLike, config: PixArtConfig, model_
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(folder)
     tmp.mkdir()
-    (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (tmp / CONFIG_NAME).write_bytes(encode_config(config))
     meta = {"format": "pt", "model": "PixArt"}
     save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_NAME),
               metadata=meta)
     if ema_state is not None:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in ema_state.items()}, str(tmp / EMA_NAME),
                   metadata=meta)
-    (tmp / PIPELINE_NAME).write_text(json.dumps(pipeline.model_dump(), indent=2) + "\n")
+    write_pipeline_info(tmp, pipeline)
     if trainer_info is not None:
         (tmp / TRAINER_NAME).write_text(json.dumps(trainer_info, indent=1) + "\n")
     publish_replacing(tmp, folder)
