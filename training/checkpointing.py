@@ -178,7 +178,10 @@ class CheckpointManager:
         if self.is_main:
             for name, data in self.extra_files().items():
                 atomic_write_bytes(tmp / name, data)
-        fsync_tree(tmp)  # DeepSpeed does not fsync what it writes; each rank flushes what it can see
+        _barrier()
+        # DeepSpeed does not fsync what it writes. Once every rank has finished writing (no temp file is being
+        # renamed any more), each rank flushes what it sees: on a shared filesystem every node its own files.
+        fsync_tree(tmp)
         _barrier()
         if self.is_main:
             files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "crc32": _crc32(p)}

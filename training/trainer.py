@@ -122,6 +122,7 @@ class Trainer:
             raise ConfigError(f"run.resume: {self.out} already holds {', '.join(history[:4])}; resume from them "
                               f"(run.resume=true) or choose a new run.output_dir")
         checked = preflight(config, dist.world_size, resuming=bool(history)) if with_data else None
+        self._root_level = logging.getLogger().level  # attach_log_file may lower it to INFO; restored by close()
         self._log_file = attach_log_file(self.out / "logs" / ("train.log" if self.is_main else
                                                               f"train_rank{dist.rank}.log"), dist.rank)
         self.bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto"
@@ -347,6 +348,7 @@ class Trainer:
         teardown_distributed()
         if self._log_file is not None:
             logging.getLogger().removeHandler(self._log_file)
+            logging.getLogger().setLevel(self._root_level)
             self._log_file.close()
             self._log_file = None
 
