@@ -247,7 +247,8 @@ def locate(path: str | os.PathLike) -> Located:
             return Located(path / FINAL, "the run's final weights")
         for folder in reversed(step_folders(path / WEIGHTS_DIR)):
             if weights_problem(folder) is None:
-                return Located(folder, f"the run's newest complete weights, {folder.name}; it has no final/ yet")
+                return Located(folder, f"the run's newest complete weights, {folder.name}: "
+                                       f"{weights_problem(path / FINAL)}")
         for ckpt in reversed(step_folders(path / CHECKPOINTS_DIR)):
             return _from_checkpoint(ckpt)
         raise WeightsError(f"{path}: a run folder without complete weights (final/, weights/step_N) or checkpoints")
