@@ -35,7 +35,7 @@ from curation.writer import (PLAN_SCHEMA, SCREEN_SCHEMA, DatasetLayout, Incomple
 from common.config import ConfigError, StrictModel, dump_config, load_config
 from pipelines.job import (IMAGE_PROCESSOR, TRANSFORMERS_MODEL, ModelNeed, Stage, StageResources, UnitsFailed,
                            bind_output, captioner_needs, check_output_location, claimed_output, diffusers_needs,
-                           digest, fit_stages, resolve_models, run_main, t5_needs)
+                           digest, explain_actor_warning, fit_stages, resolve_models, run_main, t5_needs)
 
 DTYPE_PATTERN = r"^(auto|float32|float16|bfloat16)$"
 
@@ -306,6 +306,7 @@ def run_encode(layout: DatasetLayout, source, units: list[WorkUnit], todo: dict[
         return {}
     for unit in units:
         clear_failed(layout, unit.id)
+    explain_actor_warning(resources)
     ds = build_encode_dataset(layout, source, units, config, resources)
     pending = {u.id for u in units}
     with tqdm(total=sum(todo[u.id] for u in units), desc="encode", unit="picture",

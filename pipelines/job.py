@@ -279,6 +279,17 @@ def fit_stages(stages: list[Stage], cluster: dict, task_cpus: float, task_field:
     return out
 
 
+ACTOR_NOTE = ("note: Ray prints 'core_worker.cc ... has constructor arguments in the object store and max_restarts > "
+              "0' once per model-stage actor it starts: Ray Data always hands its stage to actors by reference, and "
+              "the reference lives as long as the stage, so a restarted actor is rebuilt as usual. Harmless.")
+
+
+def explain_actor_warning(stages: dict) -> None:
+    """Say once, before Ray Data starts actor pools, what the error-looking line Ray prints for each one means."""
+    if stages:
+        print(ACTOR_NOTE, file=sys.stderr, flush=True)
+
+
 # ---- unit commits -------------------------------------------------------------------------------------------
 def is_committed(marker: Path) -> bool:
     """A unit is committed when its parquet marker is whole. An empty or unreadable one (a power loss between the
