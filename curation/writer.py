@@ -387,6 +387,10 @@ def plot_card(card: dict, path: Path) -> None:
               color=["tab:red"] * (len(outcomes) - 1) + ["tab:green"])
     left.set_title(f"{counts['seen']} samples seen")
     left.set_xlabel("samples")
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5-sample ticks on small data
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlim(0, max(outcomes.values(), default=0) * 1.15 or 1)
     left.bar_label(left.containers[0], fontsize=8)
     right.set_title("accepted samples per bucket (H x W, wide to tall)")

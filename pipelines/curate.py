@@ -34,8 +34,9 @@ from curation.writer import (PLAN_SCHEMA, SCREEN_SCHEMA, DatasetLayout, Incomple
                              finalize, plot_card, read_plan, remove_staging, try_commit, write_parquet)
 from common.config import ConfigError, StrictModel, dump_config, load_config
 from pipelines.job import (IMAGE_PROCESSOR, TRANSFORMERS_MODEL, ModelNeed, Stage, StageResources, UnitsFailed,
-                           bind_output, captioner_needs, check_output_location, claimed_output, diffusers_needs,
-                           digest, explain_actor_warning, fit_stages, resolve_models, run_main, t5_needs)
+                           bind_output, captioner_needs, check_captioner_fits, check_output_location, claimed_output,
+                           diffusers_needs, digest, explain_actor_warning, fit_stages, resolve_models, run_main,
+                           t5_needs)
 
 DTYPE_PATTERN = r"^(auto|float32|float16|bfloat16)$"
 
@@ -369,7 +370,10 @@ def preflight(config: CurateConfig) -> tuple[DatasetLayout, object, list[WorkUni
     if len(set(ids)) != len(ids):
         raise ConfigError(f"source {config.source.kind}: two inputs map to the same unit id; rename one")
     ray = init_ray(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory)
-    resources = fit_resources(config, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    if config.caption is not None:
+        check_captioner_fits("caption", config.caption, cluster)
+    resources = fit_resources(config, cluster)
     return layout, source, units, resources
 
 
