@@ -137,6 +137,7 @@ class CurateConfig(StrictModel):
             tree.pop(name)
         for name in ("batch_size", "num_gpus", "num_cpus", "concurrency"):
             (tree.get("caption") or {}).pop(name, None)
+        tree["buckets"].pop("keep_pixels", None)  # decode once or twice: the same output
         return tree
 
 

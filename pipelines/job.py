@@ -200,10 +200,14 @@ def bind_output(root: str | Path, settings: dict, inputs_digest: str, inputs: in
     if path.is_file():
         try:
             job = json.loads(path.read_text())
-            before, before_inputs = job["settings"], job["inputs_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
+            job = None
             log.warning("%s is unreadable (an interrupted first start): binding the folder again", path)
-        else:
+        if job is not None and not (isinstance(job, dict) and "settings" in job and "inputs_sha256" in job):
+            raise ConfigError(f"output {root} was bound by another version of this job ({JOB_FILE} without "
+                              f"'settings'); use a new output folder")
+        if job is not None:
+            before, before_inputs = job["settings"], job["inputs_sha256"]
             if before != settings:
                 old, new = _flatten(before), _flatten(settings)
                 changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

@@ -158,3 +158,34 @@ def test_density_refuses_an_output_it_cannot_write_before_any_work(tmp_path, cap
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(config))
     assert main(["--config", str(tmp_path / "d.yaml")]) == 2
     assert capsys.readouterr().err.startswith("error: output_dir: ")
+
+
+def test_every_shipped_recaption_and_density_config_fits_a_two_core_machine():
+    from pathlib import Path
+
+    from common.config import load_config
+    from pipelines.density import DensityConfig, stats_stage
+    from pipelines.job import check_captioner_fits
+    from pipelines.recaption import RecaptionConfig, caption_stage
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted((configs / "recaption").glob("*.yaml")):
+        config = load_config(path, RecaptionConfig)
+        if config.caption.backend == "vllm":  # GPU-only: refused in one line on a machine without GPUs
+            with pytest.raises(ConfigError, match="^caption.backend: vllm needs a GPU"):
+                check_captioner_fits("caption", config.caption, {"CPU": 2})
+            continue
+        fitted = fit_stages([caption_stage(config.caption)], {"CPU": 2}, config.ray.read_num_cpus)["caption"]
+        assert fitted["num_cpus"] + config.ray.read_num_cpus <= 2 and fitted["num_gpus"] == 0, path.name
+    for path in sorted((configs / "density").glob("*.yaml")):
+        fitted = fit_stages([stats_stage(load_config(path, DensityConfig))], {"CPU": 2}, 1.0)["ray"]
+        assert fitted["num_cpus"] + 1.0 <= 2, path.name
+
+
+def test_legacy_or_damaged_job_files(tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps({"config": {}, "units_sha256": "x"}))
+    with pytest.raises(ConfigError, match="another version"):
+        bind_output(tmp_path, {"a": 1}, "d", 1)
+    (tmp_path / "job.json").write_text("")  # a first start that died mid-write (cannot happen with fsync)
+    bind_output(tmp_path, {"a": 1}, "d", 1)
+    assert json.loads((tmp_path / "job.json").read_text())["settings"] == {"a": 1}
