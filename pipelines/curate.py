@@ -188,9 +188,13 @@ def plan_units(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
     import pyarrow.parquet as pq
 
     # Only the verdict columns: the screen parts may also hold the kept pixels, which stay on disk for pass 2.
-    columns = [c for c in SCREEN_SCHEMA.names if c != "unit"]
-    tables = {u.id: pq.read_table(layout.screen_part(u.id), columns=[
-        c for c in columns if c in pq.read_schema(layout.screen_part(u.id)).names]) for u in units}
+    wanted = [c for c in SCREEN_SCHEMA.names if c != "unit"]
+
+    def verdicts(path):
+        present = set(pq.read_schema(path).names)  # screen parts of older runs lack `animated`
+        return pq.read_table(path, columns=[c for c in wanted if c in present])
+
+    tables = {u.id: verdicts(layout.screen_part(u.id)) for u in units}
     candidates: list[Candidate] = []
     where: list[tuple[str, int]] = []
     for rank, unit in enumerate(units):
@@ -242,8 +246,8 @@ def run_screen(layout: DatasetLayout, source, units: list[WorkUnit], config: Cur
     todo = [u for u in units if not layout.is_screened(u.id)]
     if not todo:
         return {}
+    layout.sweep([u.id for u in todo])
     for unit in todo:
-        layout.sweep(unit.id)
         clear_failed(layout, unit.id)
     stage = ScreenStage(source, layout.root, config.filters, config.min_side, config.buckets,
                         config.caption.image_size if config.caption else None)
@@ -396,14 +400,12 @@ def run(config: CurateConfig) -> dict:
         raise UnitsFailed("curate", {u: f"{r} (no unit is encoded until every unit is screened)"
                                      for u, r in failed.items()})
     todo = plan_units(layout, units, config)
+    # Leftovers of an interrupted attempt at the units still to commit: temp files, staged parts.
+    layout.sweep(list(todo))
     for unit, count in todo.items():
         if count == 0:  # everything rejected before encoding: commit now, nothing to stream
-            layout.sweep(unit)
             commit_unit(layout, unit, [], [row for row in read_plan(layout, unit) if row["stage"]])
     encode = [u for u in units if todo.get(u.id, 0) > 0 and not layout.is_committed(u.id)]
-    # Leftovers of an interrupted attempt: temp files, parts of units committed since or to be re-encoded.
-    for unit in encode:
-        layout.sweep(unit.id)
     failed = run_encode(layout, source, encode, todo, config, resources)
     if failed:
         raise UnitsFailed("curate", failed)
