@@ -369,8 +369,10 @@ def preflight(config: CurateConfig) -> tuple[DatasetLayout, object, list[WorkUni
     source = build_source(config.source)
     try:
         units = source.list_units(layout.work)
-    except FileNotFoundError as err:
+    except FileNotFoundError as err:  # its message names the field (source.root, source.annotations, ...)
         raise ConfigError(str(err)) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"source: cannot list {config.source.kind} input: {type(err).__name__}: {err}") from None
     ids = [u.id for u in units]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"source {config.source.kind}: two inputs map to the same unit id; rename one")
