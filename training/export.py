@@ -33,6 +33,7 @@ class ExportSources:
     scaling_factor: float | None
     text_encoder: str
     prediction_type: str = "epsilon"
+    pipeline_info: dict | None = None  # pipeline.json as read (the objective and its time shift)
 
 
 def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
@@ -48,7 +49,21 @@ def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | N
         scaling_factor=info.get("scaling_factor"),
         text_encoder=text_encoder or info.get("text_encoder") or DEFAULT_T5,
         prediction_type=info.get("prediction_type") or "epsilon",
+        pipeline_info=info,
     )
+
+
+def export_scheduler(model: PixArt, sources: ExportSources):
+    """The sampler training.sample uses by default, as a diffusers scheduler: DPM-Solver++ on the IDDPM schedule
+    for the prediction type, or on the flow path (flow sigmas, velocity input, the time shift at the model's native
+    size) for a rectified-flow model."""
+    from training.flow import flow_from_config
+    from training.sample import PipelineInfo
+
+    flow = flow_from_config(PipelineInfo.model_validate(sources.pipeline_info or {}), model.config.patch_size)
+    if flow is not None:
+        return flow.scheduler("dpm++", flow.tokens((model.config.input_size, model.config.input_size)))
+    return dpm_solver_scheduler(prediction_type=sources.prediction_type)
 
 
 def build_pipeline(model: PixArt, sources: ExportSources):
@@ -76,7 +91,7 @@ def build_pipeline(model: PixArt, sources: ExportSources):
                          f"caption_channels={cfg.caption_channels}")
     return PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.model, vae=vae,
                                transformer=to_diffusers(model.float()),
-                               scheduler=dpm_solver_scheduler(prediction_type=sources.prediction_type))
+                               scheduler=export_scheduler(model, sources))
 
 
 def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text_encoder: str | None = None,

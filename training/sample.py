@@ -17,12 +17,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
 from training.diffusion import PredictionType
+from training.flow import Objective, flow_from_config
 from training.grid import image_grid, save_png
 from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, StateDictMismatchError, load_state_dict_strict
 from training.sampling import (DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args,
@@ -44,6 +46,12 @@ class PipelineInfo(BaseModel):
     scaling_factor: float = 0.18215
     text_encoder: str | None = DEFAULT_T5
     prediction_type: PredictionType = "epsilon"  # what the network predicts (the scheduler's)
+    # The training objective and, for rectified flow, its time shift (training.flow; the trainer's diffusion.*).
+    objective: Objective = "iddpm"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float | Literal["auto"] = "auto"
+    flow_base_tokens: int = 256
 
 
 def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
@@ -166,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
         seed=args.seed, scaling_factor=info.scaling_factor, batch_size=args.batch_size, progress=True,
-        prediction_type=info.prediction_type,
+        prediction_type=info.prediction_type, flow=flow_from_config(info, cfg.patch_size),
     )
 
     out = Path(args.out)
@@ -178,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "checkpoint": str(Path(args.checkpoint).resolve()), "ema": used_ema, "vae": vae_id,
         "text_encoder": encoder_id, "scaling_factor": info.scaling_factor, "sampler": args.sampler, "steps": steps,
-        "cfg_scale": args.cfg_scale, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype,
+        "cfg_scale": args.cfg_scale, "seed": args.seed, "objective": info.objective, "height": height, "width": width, "dtype": args.dtype,
         "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}
                    for f, v in zip(files, args.prompt or args.class_label)],
         "grid": "grid.png",

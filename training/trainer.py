@@ -40,7 +40,8 @@ from common.durable import atomic_write_bytes
 from curation.shard_format import CARD_FILE
 from common.config import ConfigError, dump_config
 from training.data import BatchPlan, DataError, draw_latents, make_loader
-from training.diffusion import GaussianDiffusion
+from training.compute import adamw, compile_engine
+from training.flow import FLOW_PIPELINE_FIELDS, flow_from_config, make_objective
 from training.ema import EMA
 from training.model import PixArt
 from training.stages import EMA_WEIGHTS_NAME, TransitionError, init_from_previous
@@ -197,7 +198,8 @@ class Trainer:
         self.bf16 = config.deepspeed.precision == "bf16" or (
             config.deepspeed.precision == "auto" and dist.device.type == "cuda")
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.diffusion = GaussianDiffusion(prediction_type=config.diffusion.prediction_type)
+        # flow: the objective (IDDPM or rectified flow), the model's token routing (TREAD) and compile/fused AdamW
+        self.diffusion = make_objective(config.diffusion, self.model_config.patch_size)  # flow
         self.state = TrainState(world_size=dist.world_size, batch_size=config.data.batch_size,
                                 data_seed=config.data.seed)
         self.losses: list[float] = []
@@ -211,6 +213,7 @@ class Trainer:
         # Identical initial weights on every rank: the same seed, then the same previous-stage weights.
         torch.manual_seed(config.run.seed)
         model = PixArt(self.model_config)
+        model.routing = config.routing.build()  # flow: TREAD token routing (None when off)
         latest = self._latest_checkpoint()
         if latest is not None and not config.run.resume:
             raise ConfigError(f"run.resume: {self.out} already holds checkpoints (latest {latest}); resume from them "
@@ -229,11 +232,12 @@ class Trainer:
         global_batch = config.data.batch_size * dist.world_size
         lr = config.optimizer.effective_lr(global_batch)
         opt = config.optimizer
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=opt.betas, eps=opt.eps,
-                                      weight_decay=opt.weight_decay)
+        optimizer = adamw(model.parameters(), lr, opt, dist.device)  # flow: fused where the device has it
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupThenConstant(opt.warmup_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model.to(dist.device), optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=deepspeed_config(config, self.bf16))
+        if config.run.compile:  # flow
+            compile_engine(self.engine)
         self.ema = EMA(self.engine.module, config.ema.decay) if config.ema.enabled else None
         # Each rank draws its own noise; the model's caption dropout uses the global RNG, seeded per rank too.
         self.generator = torch.Generator(dist.device).manual_seed(config.run.seed * 1_000_003 + dist.rank)
@@ -555,7 +559,8 @@ class Trainer:
         pre = self.config.pretrained
         write_pipeline_info(tmp, PipelineInfo(vae=pre.vae, vae_class=pre.vae_class, scaling_factor=pre.scaling_factor,
                                               text_encoder=pre.text_encoder, vae_subfolder=pre.vae_subfolder,
-                                              prediction_type=self.config.diffusion.prediction_type))
+                                              prediction_type=self.config.diffusion.prediction_type,
+                                              **self.config.diffusion.model_dump(include=FLOW_PIPELINE_FIELDS)))
         trainer_info = {"stage": self.config.stage, "name": self.config.name, "step": self.state.step,
                         "caption": self.config.data.caption, "vae_subfolder": pre.vae_subfolder,
                         "init": self.init_report and {k: self.init_report[k] for k in ("source", "transition")}}
@@ -616,7 +621,8 @@ class SampleGrids:
                                  class_labels=None if text else cfg.class_labels, height=height, width=width,
                                  sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                  seed=cfg.seed, scaling_factor=self.config.pretrained.scaling_factor,
-                                 prediction_type=self.config.diffusion.prediction_type)
+                                 prediction_type=self.config.diffusion.prediction_type,
+                                 flow=flow_from_config(self.config.diffusion, self.model_config.patch_size))  # flow
         captions = cfg.prompts if text else [f"class {c}" for c in cfg.class_labels]
         return save_png(image_grid(images, captions=captions), path)
 
