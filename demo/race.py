@@ -36,7 +36,7 @@ from common.config import ConfigError, StrictModel, load_config, parse_overrides
 from demo.run import (DEFAULT_CONFIG, _merge, _table, effective_config, load_demo_config, reroot, write_json)
 
 DEFAULT_RACE = "demo/configs/race.yaml"
-COMPUTE_LOG = "compute.jsonl"
+CURVE = "curve.json"
 
 
 class Recipe(StrictModel):
@@ -50,6 +50,8 @@ class RaceConfig(StrictModel):
     steps: int = Field(900, ge=1)
     eval_every: int = Field(100, ge=1)
     reference: str = "b_demo_v"  # the recipe the others' compute is compared with
+    parallel: int = Field(2, ge=1, description="recipes trained at once, each in its own process")
+    threads: int = Field(1, ge=1, description="torch threads per recipe process (run.cpu_threads)")
     recipes: dict[str, Recipe]
     overrides: list[str] = Field(default_factory=list, description="section.field=value for every recipe's trainer")
     quick: dict[str, Any] = Field(default_factory=dict, description="laid over this config by --quick")
@@ -91,7 +93,8 @@ def recipe_config(demo, race: RaceConfig, name: str, out: Path):
     data.update(race.recipes[name].sections)
     run_dir = out / "race" / name
     data = _merge(data, {"run": {"output_dir": str(run_dir), "steps": race.steps, "checkpoint_every": race.eval_every,
-                                 "keep_last": race.steps // race.eval_every + 1},
+                                 "keep_last": race.steps // race.eval_every + 1, "cpu_threads": race.threads,
+                                 "progress": False},
                          "sampling": {"every": 0}})
     data = _merge(data, parse_overrides(demo.training.overrides + race.overrides))
     path = out / "configs" / f"race_{name}.yaml"
@@ -101,21 +104,21 @@ def recipe_config(demo, race: RaceConfig, name: str, out: Path):
     return path, validate_config(data, TrainConfig, str(path))
 
 
-def timed_trainer(config):
-    """The trainer, counting the process CPU-seconds and wall seconds of its optimizer steps; at every checkpoint
-    it appends {step, cpu_s, wall_s} to <run>/compute.jsonl (so a resumed run continues the count)."""
-    from common.durable import atomic_write_bytes
+def timed_trainer(config, evaluate_weights):
+    """The trainer, counting the process CPU-seconds and wall seconds of its optimizer steps. At every checkpoint it
+    calls evaluate_weights(weights folder, step) -> accuracies (outside the count, with the training RNG put back
+    after) and appends {step, cpu_s, wall_s, accuracies} to <run>/curve.json, so a resumed run continues the count
+    and an interrupted one keeps its points."""
     from training.trainer import Trainer
 
     class TimedTrainer(Trainer):
         def __init__(self, config):
             super().__init__(config)
-            log_file = self.out / COMPUTE_LOG
-            rows = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-            rows = [r for r in rows if r["step"] <= self.state.step]  # a checkpoint later than the log's is lost
-            self.compute_rows = rows
-            self.cpu_s = rows[-1]["cpu_s"] if rows else 0.0
-            self.wall_s = rows[-1]["wall_s"] if rows else 0.0
+            curve_file = self.out / CURVE
+            curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+            self.curve = [p for p in curve if p["step"] <= self.state.step]  # points past the checkpoint are redone
+            self.cpu_s = self.curve[-1]["cpu_s"] if self.curve else 0.0
+            self.wall_s = self.curve[-1]["wall_s"] if self.curve else 0.0
 
         def train_step(self, batch: dict) -> dict:
             cpu, wall = time.process_time(), time.perf_counter()
@@ -126,44 +129,40 @@ def timed_trainer(config):
 
         def save(self, final_weights: bool = False):
             path = super().save(final_weights)
-            if self.is_main:
-                self.compute_rows.append({"step": self.state.step, "cpu_s": round(self.cpu_s, 3),
-                                          "wall_s": round(self.wall_s, 3)})
-                atomic_write_bytes(self.out / COMPUTE_LOG,
-                                   "".join(json.dumps(r) + "\n" for r in self.compute_rows).encode())
+            step = self.state.step
+            if self.is_main and step not in {p["step"] for p in self.curve}:
+                weights = self.out / "final" if final_weights else self.out / "weights" / f"step_{step:08d}"
+                with self._rng_untouched():
+                    accuracy = evaluate_weights(weights, step)
+                self.curve.append({"step": step, "cpu_s": round(self.cpu_s, 3), "wall_s": round(self.wall_s, 3),
+                                   **{k: accuracy[k] for k in ("colour", "shape", "position", "all")}})
+                write_json(self.out / CURVE, self.curve)
             return path
 
     return TimedTrainer(config)
 
 
-def weights_at(run_dir: Path, step: int, last: int) -> Path:
-    """The weights folder the trainer wrote at `step` (the final one at the last step)."""
-    return run_dir / "final" if step == last else run_dir / "weights" / f"step_{step:08d}"
-
-
 def run_recipe(demo, race: RaceConfig, name: str, out: Path) -> dict:
-    """Train one recipe (or read back a finished run) and evaluate every checkpoint; returns its curve."""
+    """Train one recipe, evaluating every checkpoint as it is written (a finished run is read back)."""
     from demo.run import evaluate
 
     path, config = recipe_config(demo, race, name, out)
     run_dir = Path(config.run.output_dir)
     print(f"    {name} ({race.recipes[name].label}): {config.run.steps} steps, config {path}", flush=True)
-    trainer = timed_trainer(config)
-    trainer.fit()
-    rows = trainer.compute_rows
-    del trainer
-    curve_file = run_dir / "curve.json"
-    curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
-    done = {point["step"] for point in curve}
-    for row in rows:
-        if row["step"] in done:
-            continue
-        weights = weights_at(run_dir, row["step"], config.run.steps)
-        result = evaluate(demo, out, weights, run_dir / "samples" / f"step_{row['step']:08d}",
-                          f"{name} at step {row['step']}")
-        curve.append({**row, **{k: result["accuracy"][k] for k in ("colour", "shape", "position", "all")}})
-        write_json(curve_file, curve)  # rewritten whole after each evaluation: an interrupted race keeps them
-    return {"label": race.recipes[name].label, "config": str(path), "curve": sorted(curve, key=lambda p: p["step"])}
+
+    def evaluate_weights(weights: Path, step: int) -> dict:
+        return evaluate(demo, out, weights, run_dir / "samples" / f"step_{step:08d}",
+                        f"{name} at step {step}")["accuracy"]
+
+    timed_trainer(config, evaluate_weights).fit()
+    return read_recipe(race, name, out)
+
+
+def read_recipe(race: RaceConfig, name: str, out: Path) -> dict:
+    """A finished recipe's curve, from <out>/race/<name>/curve.json."""
+    curve = json.loads((out / "race" / name / CURVE).read_text())
+    return {"label": race.recipes[name].label, "config": str(out / "configs" / f"race_{name}.yaml"),
+            "curve": sorted(curve, key=lambda p: p["step"])}
 
 
 # ---- the comparison -----------------------------------------------------------------------------------------------
@@ -248,17 +247,48 @@ def load_race_config(path: str | Path = DEFAULT_RACE, quick: bool = False,
     return race
 
 
-def run_race(race: RaceConfig, out: str | Path, quick: bool = False) -> dict:
+def run_recipes(race: RaceConfig, out: Path, argv: list[str]) -> None:
+    """Each recipe in a process of its own (`python -m demo.race ... --recipe NAME`), `race.parallel` at a time in
+    the config's order, each with `race.threads` torch threads; its log goes to <out>/race/<name>.log."""
+    import subprocess
+
+    # Each child starts a one-process group of its own: the parent's rendezvous variables (stage 1 set them) would
+    # make them all meet on one port.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = str(race.threads)
+    pending, running, failed = list(race.recipes), {}, []
+    while pending or running:
+        while pending and len(running) < race.parallel:
+            name = pending.pop(0)
+            log_file = out / "race" / f"{name}.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            print(f"    {name} ({race.recipes[name].label}): started, log {log_file}", flush=True)
+            with open(log_file, "w") as fh:
+                running[name] = subprocess.Popen([sys.executable, "-m", "demo.race", *argv, "--recipe", name],
+                                                 stdout=fh, stderr=subprocess.STDOUT, env=env)
+        time.sleep(2)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                print(f"    {name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}",
+                      flush=True)
+                if proc.returncode:
+                    failed.append(name)
+    if failed:
+        raise RuntimeError(f"recipe(s) {', '.join(failed)} failed; see their logs under {out / 'race'}")
+
+
+def run_race(race: RaceConfig, out: str | Path, quick: bool = False, argv: list[str] | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     demo = load_demo_config(race.demo, quick)
     started_cpu, started = time.process_time(), time.perf_counter()
     print(f"==> preparing the demo's data and stage 1 under {out}", flush=True)
     prepare(demo, out)
-    results = {}
-    for name in race.recipes:
-        print(f"\n==> recipe {name}: {race.recipes[name].label}", flush=True)
-        results[name] = run_recipe(demo, race, name, out)
+    print(f"\n==> {len(race.recipes)} recipes, {race.parallel} at a time, {race.threads} thread(s) each", flush=True)
+    run_recipes(race, out, argv or [])
+    results = {name: read_recipe(race, name, out) for name in race.recipes}
     targets = demo.evaluation.targets
     summary = summarize(results, targets, race.reference)
     print()
@@ -282,11 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_RACE)
     parser.add_argument("--quick", action="store_true", help="the demo's quick data and the race's quick settings")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)  # one recipe's process (run_recipes starts them)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    child_argv = ["--out", args.out, "--config", args.config] + (["--quick"] if args.quick else []) + [
+        a for o in args.overrides for a in ("--set", o)]
     try:
-        run_race(load_race_config(args.config, args.quick, args.overrides), args.out, args.quick)
+        race = load_race_config(args.config, args.quick, args.overrides)
+        if args.recipe:
+            if args.recipe not in race.recipes:
+                raise ConfigError(f"--recipe: no recipe {args.recipe!r} in {args.config}")
+            run_recipe(load_demo_config(race.demo, args.quick), race, args.recipe, Path(args.out))
+        else:
+            run_race(race, args.out, args.quick, child_argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
