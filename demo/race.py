@@ -92,11 +92,13 @@ def recipe_config(demo, race: RaceConfig, name: str, out: Path):
     data = reroot(yaml.safe_load(template.read_text()), out)
     data.update(race.recipes[name].sections)
     run_dir = out / "race" / name
+    # The demo's overrides (e.g. --quick's batch size) first; the race's own run settings win over them.
+    data = _merge(data, parse_overrides(demo.training.overrides))
     data = _merge(data, {"run": {"output_dir": str(run_dir), "steps": race.steps, "checkpoint_every": race.eval_every,
                                  "keep_last": race.steps // race.eval_every + 1, "cpu_threads": race.threads,
                                  "progress": False},
                          "sampling": {"every": 0}})
-    data = _merge(data, parse_overrides(demo.training.overrides + race.overrides))
+    data = _merge(data, parse_overrides(race.overrides))
     path = out / "configs" / f"race_{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (f"# written by demo.race from {template} and recipe {name}\n"
