@@ -204,17 +204,17 @@ def summarize(results: dict[str, dict], targets: dict[str, float], reference: st
     return {"equal_compute_cpu_s": equal, "reference": reference, "targets": targets, "recipes": rows}
 
 
-def print_table(summary: dict, steps: int) -> str:
+def print_table(summary: dict) -> str:
     rows = []
     for name, r in summary["recipes"].items():
         same = r["at_equal_compute"] or {}
-        rows.append([r["label"], r["steps_to_targets"] or f"> {steps}",
+        rows.append([r["label"], r["final"]["step"], r["steps_to_targets"] or f"> {r['final']['step']}",
                      f"{r['cpu_s_to_targets']:.0f}" if r["cpu_s_to_targets"] else "-",
                      f"{r['compute_vs_reference']:.2f}" if r["compute_vs_reference"] else
                      f"< {r['compute_vs_reference_at_most']:.2f}" if r["compute_vs_reference_at_most"] else "-",
                      f"{r['cpu_s_per_step']:.2f}", same.get("colour", "-"), same.get("shape", "-"),
                      same.get("position", "-")])
-    table = _table(rows, ["recipe", "steps to targets", "CPU-s to targets", "x reference", "CPU-s/step",
+    table = _table(rows, ["recipe", "steps run", "steps to targets", "CPU-s to targets", "x reference", "CPU-s/step",
                           "colour @ equal", "shape @ equal", "position @ equal"])
     print(table)
     print(f"    equal compute: {summary['equal_compute_cpu_s']:.0f} CPU-s (the cheapest run's total); targets "
@@ -294,20 +294,27 @@ def run_race(race: RaceConfig, out: str | Path, quick: bool = False, argv: list[
     prepare(demo, out)
     print(f"\n==> {len(race.recipes)} recipes, {race.parallel} at a time, {race.threads} thread(s) each", flush=True)
     run_recipes(race, out, argv or [])
-    results = {name: read_recipe(race, name, out) for name in race.recipes}
-    targets = demo.evaluation.targets
+    return report(race, out, demo.evaluation.targets, wall_s=round(time.perf_counter() - started, 1),
+                  process_cpu_s=round(time.process_time() - started_cpu, 1))
+
+
+def report(race: RaceConfig, out: Path, targets: dict[str, float], **extra) -> dict:
+    """The table, race.png and race.json from the recipes' curves as they stand (`--report` runs only this, e.g.
+    on a race still running or cut short: its curves end where the runs are)."""
+    results = {name: read_recipe(race, name, out) for name in race.recipes if (out / "race" / name / CURVE).is_file()}
+    if not results:
+        raise ConfigError(f"--out: {out} holds no recipe curves yet ({out / 'race' / '<recipe>' / CURVE})")
     summary = summarize(results, targets, race.reference)
     print()
-    summary["table"] = print_table(summary, race.steps)
+    summary["table"] = print_table(summary)
     plot(results, targets, out / "race.png")
     load = os.getloadavg()
     summary.update(curves={n: r["curve"] for n, r in results.items()}, configs={n: r["config"] for n, r in results.items()},
-                   plot=str(out / "race.png"), wall_s=round(time.perf_counter() - started, 1),
-                   process_cpu_s=round(time.process_time() - started_cpu, 1),
-                   load_average_at_end=[round(v, 2) for v in load], cores=os.cpu_count())
+                   plot=str(out / "race.png"), steps_planned=race.steps,
+                   load_average_at_end=[round(v, 2) for v in load], cores=os.cpu_count(), **extra)
     write_json(out / "race.json", summary)
-    print(f"outputs: {out / 'race.json'}, {out / 'race.png'}; wall {summary['wall_s']:.0f} s, load average at the "
-          f"end {load[0]:.1f} on {os.cpu_count()} cores")
+    print(f"outputs: {out / 'race.json'}, {out / 'race.png'}; load average now {load[0]:.1f} on {os.cpu_count()} "
+          f"cores" + (f"; wall {extra['wall_s']:.0f} s" if "wall_s" in extra else ""))
     return summary
 
 
@@ -318,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_RACE)
     parser.add_argument("--quick", action="store_true", help="the demo's quick data and the race's quick settings")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--report", action="store_true", help="only summarize the curves already in --out")
     parser.add_argument("--recipe", help=argparse.SUPPRESS)  # one recipe's process (run_recipes starts them)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -326,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         a for o in args.overrides for a in ("--set", o)]
     try:
         race = load_race_config(args.config, args.quick, args.overrides)
-        if args.recipe:
+        if args.report:
+            report(race, Path(args.out), load_demo_config(race.demo, args.quick).evaluation.targets)
+        elif args.recipe:
             if args.recipe not in race.recipes:
                 raise ConfigError(f"--recipe: no recipe {args.recipe!r} in {args.config}")
             run_recipe(load_demo_config(race.demo, args.quick), race, args.recipe, Path(args.out))

@@ -41,10 +41,10 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, optimizer_config, dev
                              weight_decay=optimizer_config.weight_decay, fused=fused)
 
 
-def compile_engine(engine) -> None:
+def compile_engine(engine, backend: str = "inductor") -> None:
     """Compile the engine's module in place (DeepSpeedEngine.compile wraps nn.Module.compile)."""
-    engine.compile()
-    log.info("model compiled with torch.compile")
+    engine.compile(backend=backend)
+    log.info("model compiled with torch.compile (backend %s)", backend)
 
 
 def sdpa_backend_check(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> list[str]:

@@ -202,6 +202,7 @@ class RunSection(StrictModel):
     progress: bool = True  # a tqdm bar on rank 0
     cpu_threads: int | None = Field(None, ge=1)  # torch threads per process on CPU; None: cores / local processes
     compile: bool = False  # torch.compile the model (training.compute); the first steps pay for the compilation
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for checks)
 
 
 class SamplingSection(StrictModel):

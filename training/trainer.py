@@ -237,7 +237,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model.to(dist.device), optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=deepspeed_config(config, self.bf16))
         if config.run.compile:  # flow
-            compile_engine(self.engine)
+            compile_engine(self.engine, config.run.compile_backend)
         self.ema = EMA(self.engine.module, config.ema.decay) if config.ema.enabled else None
         # Each rank draws its own noise; the model's caption dropout uses the global RNG, seeded per rank too.
         self.generator = torch.Generator(dist.device).manual_seed(config.run.seed * 1_000_003 + dist.rank)
