@@ -95,3 +95,17 @@ def test_a_v_prediction_model_exports_a_v_prediction_scheduler(weights, tmp_path
     (folder / "pipeline.json").write_text(json.dumps({**info, "prediction_type": "v_prediction"}))
     pipe = PixArtAlphaPipeline.from_pretrained(export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "p")]))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_a_vae_in_a_subfolder_of_a_pipeline_folder_exports(weights, tmp_path, tiny_vae_dir, tiny_t5_dir):
+    """pipeline.json's vae_subfolder (a diffusers pipeline folder or repo holding the VAE under vae/) is honoured."""
+    from training.weights import PipelineInfo, write_pipeline_info
+
+    folder = tmp_path / "weights"
+    shutil.copytree(weights, folder)
+    shutil.copytree(tiny_vae_dir, tmp_path / "sd" / "vae")
+    write_pipeline_info(folder, PipelineInfo(vae=str(tmp_path / "sd"), vae_subfolder="vae", scaling_factor=0.3,
+                                             text_encoder=str(tiny_t5_dir)))
+    out = export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "pipe")])
+    vae = PixArtAlphaPipeline.from_pretrained(out).vae
+    assert vae.config.latent_channels == 4 and vae.config.scaling_factor == 0.3

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from training.diffusion import GaussianDiffusion
-from training.flow import RectifiedFlow, make_objective
+from training.flow import RectifiedFlow
 from training.sampling import sample
 
 
@@ -158,12 +158,23 @@ def test_flow_and_iddpm_models_of_the_same_data_follow_the_same_ode():
     torch.testing.assert_close(k * x, iddpm_mid, atol=1e-3, rtol=0)
 
 
-def test_objective_from_the_trainer_config_and_sampler_checks():
-    from training.train_config import DiffusionSection
+def test_objective_from_the_trainer_config_and_sampler_checks(tmp_path):
+    from training.objectives import build_objective
+    from training.train_config import DiffusionSection, TrainConfig
 
-    assert isinstance(make_objective(DiffusionSection(), 2), GaussianDiffusion)
-    flow = make_objective(DiffusionSection(objective="rectified_flow", flow_shift=3.0, logit_std=0.5), 4)
+    def config(**diffusion):
+        return TrainConfig(stage=2, model={"preset": "tiny", "overrides": {"patch_size": 4}}, data={"root": "x"},
+                           run={"output_dir": str(tmp_path), "steps": 1}, diffusion=diffusion)
+
+    assert build_objective(config()).name == "iddpm"
+    objective = build_objective(config(objective="rectified_flow", flow_shift=3.0, logit_std=0.5))
+    flow = objective.flow
     assert isinstance(flow, RectifiedFlow) and flow.shift == 3.0 and flow.logit_std == 0.5 and flow.patch_size == 4
+    # The objective draws its times and noise from the generator it is given: the same seed, the same loss.
+    x0 = torch.randn(2, 4, 8, 8)
+    model_fn = lambda x, t, **_: x * (t[:, None, None, None] / 1000)  # noqa: E731
+    losses = [objective(model_fn, x0, {}, torch.Generator().manual_seed(7))["loss"] for _ in range(2)]
+    assert torch.equal(losses[0], losses[1])
     with pytest.raises(ValueError, match="prediction_type is an IDDPM setting"):
         DiffusionSection(objective="rectified_flow", prediction_type="v_prediction")
     model = Oracle(lambda x, t: x)

@@ -30,7 +30,8 @@ def flow_weights(data_root, tmp_path_factory, tiny_vae_dir, tiny_t5_dir):  # noq
 
 @pytest.mark.slow
 def test_the_objective_is_recorded_and_followed_by_the_sampler(flow_weights, tmp_path):
-    from training.sample import build_parser, read_pipeline_info, run
+    from training.sample import build_parser, run
+    from training.weights import read_pipeline_info
 
     info = read_pipeline_info(flow_weights)
     assert (info.objective, info.flow_shift, info.logit_std) == ("rectified_flow", 2.0, 0.8)
@@ -52,7 +53,7 @@ def test_an_exported_flow_model_samples_in_diffusers_like_training_sample(flow_w
     from common.pretrained import load_text_encoder, load_vae
     from training.export import export
     from training.flow import flow_from_config
-    from training.sample import load_weights, read_pipeline_info
+    from training.weights import load_model, read_pipeline_info
     from training.sampling import generate_images
 
     pipe = PixArtAlphaPipeline.from_pretrained(export(flow_weights, tmp_path / "pipe"))
@@ -64,7 +65,7 @@ def test_an_exported_flow_model_samples_in_diffusers_like_training_sample(flow_w
                   generator=torch.Generator().manual_seed(3)).images
 
     info = read_pipeline_info(flow_weights)
-    model, _ = load_weights(flow_weights)
+    model, _ = load_model(flow_weights)
     ours = generate_images(model, load_vae(info.vae), load_text_encoder(info.text_encoder, max_length=120), prompts,
                            height=64, width=64, sampler="dpm++", steps=8, guidance_scale=1.0,
                            generator=torch.Generator().manual_seed(3), batch_size=2,

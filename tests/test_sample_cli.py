@@ -120,3 +120,14 @@ def test_cli_ema_requested_but_absent(tmp_path, tiny_vae_dir, tiny_t5_dir, capsy
     weights = save_weights(tmp_path / "w", "tiny", tiny_vae_dir, tiny_t5_dir)
     code, log = run_cli(capsys, "--checkpoint", weights, "--prompt", "x", "--ema", "--out", tmp_path / "out")
     assert code == 2 and "ema" in log and "--no-ema" in log
+
+
+def test_cli_takes_a_run_folder_and_says_which_weights_it_used(weights, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(weights, run / "final")
+    code, log = run_cli(capsys, "--checkpoint", run, "--prompt", "a red bus", "--out", tmp_path / "s",
+                        "--height", "32", "--width", "32", "--steps", "2")
+    assert code == 0, log
+    assert f"using {run / 'final' / 'ema.safetensors'} (the run's final weights)" in log

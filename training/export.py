@@ -17,11 +17,10 @@ from pathlib import Path
 
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, load_text_encoder, load_vae
 from training.checkpoint import to_diffusers
-from training.model import WEIGHTS_NAME, PixArt
+from training.flow import RectifiedFlow, flow_from_config
+from training.model import PixArt
 from training.sampling import dpm_solver_scheduler
-
-EMA_NAME = "ema.safetensors"
-PIPELINE_JSON = "pipeline.json"
+from training.weights import EMA_NAME, MODEL_NAME, PipelineInfo, load_model, locate, read_pipeline_info
 
 
 @dataclass
@@ -33,37 +32,34 @@ class ExportSources:
     scaling_factor: float | None
     text_encoder: str
     prediction_type: str = "epsilon"
-    pipeline_info: dict | None = None  # pipeline.json as read (the objective and its time shift)
-
-
-def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
-    """Flags win over the weights folder's pipeline.json, which wins over the PixArt-alpha defaults."""
-    info: dict = {}
-    if (checkpoint / PIPELINE_JSON).is_file():
-        info = json.loads((checkpoint / PIPELINE_JSON).read_text())
-        if not isinstance(info, dict):
-            raise ValueError(f"{checkpoint / PIPELINE_JSON}: expected a JSON object with vae/text_encoder entries")
-    return ExportSources(
-        vae=vae or info.get("vae") or DEFAULT_VAE,
-        vae_class=info.get("vae_class") or "AutoencoderKL",
-        scaling_factor=info.get("scaling_factor"),
-        text_encoder=text_encoder or info.get("text_encoder") or DEFAULT_T5,
-        prediction_type=info.get("prediction_type") or "epsilon",
-        pipeline_info=info,
-    )
+    vae_subfolder: str | None = None
+    flow: RectifiedFlow | None = None  # a rectified-flow model's objective (pipeline.json), else None
 
 
 def export_scheduler(model: PixArt, sources: ExportSources):
     """The sampler training.sample uses by default, as a diffusers scheduler: DPM-Solver++ on the IDDPM schedule
     for the prediction type, or on the flow path (flow sigmas, velocity input, the time shift at the model's native
     size) for a rectified-flow model."""
-    from training.flow import flow_from_config
-    from training.sample import PipelineInfo
-
-    flow = flow_from_config(PipelineInfo.model_validate(sources.pipeline_info or {}), model.config.patch_size)
-    if flow is not None:
-        return flow.scheduler("dpm++", flow.tokens((model.config.input_size, model.config.input_size)))
+    if sources.flow is not None:
+        return sources.flow.scheduler("dpm++", sources.flow.tokens((model.config.input_size,) * 2))
     return dpm_solver_scheduler(prediction_type=sources.prediction_type)
+
+
+def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None,
+                 patch_size: int = 2) -> ExportSources:
+    """Flags win over the weights folder's pipeline.json (training.weights.PipelineInfo), which wins over the
+    PixArt-alpha defaults. A --vae flag names a VAE of its own, so pipeline.json's subfolder does not apply to it."""
+    recorded = read_pipeline_info(checkpoint)
+    info = recorded or PipelineInfo()
+    return ExportSources(
+        vae=vae or info.vae,
+        vae_class=info.vae_class,
+        scaling_factor=info.scaling_factor if recorded is not None else None,
+        text_encoder=text_encoder or info.text_encoder or DEFAULT_T5,
+        prediction_type=info.prediction_type,
+        vae_subfolder=None if vae else info.vae_subfolder,
+        flow=flow_from_config(info, patch_size),
+    )
 
 
 def build_pipeline(model: PixArt, sources: ExportSources):
@@ -78,7 +74,7 @@ def build_pipeline(model: PixArt, sources: ExportSources):
     if sources.vae_class != "AutoencoderKL":
         raise ValueError(f"vae_class={sources.vae_class!r}: PixArtAlphaPipeline needs a diffusers AutoencoderKL; "
                          f"pass --vae with one")
-    vae = load_vae(sources.vae, setting="--vae (or 'vae' in pipeline.json)")
+    vae = load_vae(sources.vae, setting="--vae (or 'vae' in pipeline.json)", subfolder=sources.vae_subfolder)
     if vae.config.latent_channels != cfg.in_channels:
         raise ValueError(f"--vae {sources.vae}: {vae.config.latent_channels} latent channels, the model expects "
                          f"{cfg.in_channels}")
@@ -98,18 +94,16 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
            ema: bool | None = None) -> Path:
     """Write the pipeline folder `out` (through a temp folder renamed when complete). ema=None uses
     ema.safetensors when the weights folder has one."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    if ema is None:
-        ema = (checkpoint / EMA_NAME).is_file()
-    elif ema and not (checkpoint / EMA_NAME).is_file():
-        raise FileNotFoundError(f"--ema: {checkpoint} has no {EMA_NAME}; export {WEIGHTS_NAME} with --no-ema")
-    model = PixArt.from_pretrained(checkpoint, filename=EMA_NAME if ema else WEIGHTS_NAME)
-    pipeline = build_pipeline(model, read_sources(checkpoint, vae, text_encoder))
+    located, out = locate(checkpoint), Path(out)
+    checkpoint = located.folder
+    model, ema = load_model(checkpoint, ema)
+    print(located.describe(ema), flush=True)
+    pipeline = build_pipeline(model, read_sources(checkpoint, vae, text_encoder, model.config.patch_size))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)
     (tmp / "pixart_export.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint.resolve()), "weights": EMA_NAME if ema else WEIGHTS_NAME,
+        {"checkpoint": str(checkpoint.resolve()), "weights": EMA_NAME if ema else MODEL_NAME,
          "pixart_config": model.config.to_dict()}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -119,7 +113,8 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description="Export PixArt weights as a diffusers PixArtAlphaPipeline folder.")
-    parser.add_argument("--checkpoint", required=True, help="weights folder (config.json + model.safetensors)")
+    parser.add_argument("--checkpoint", required=True, help="a weights folder (config.json + model.safetensors), a run "
+                        "folder (its final weights) or a run's checkpoints/step_N folder")
     parser.add_argument("--out", required=True, help="pipeline folder to write")
     parser.add_argument("--vae", help="VAE hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_VAE)
     parser.add_argument("--text-encoder", help="T5 hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_T5)

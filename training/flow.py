@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Callable, Literal
 
 import torch
 
 from training.diffusion import NUM_TRAIN_TIMESTEPS, mean_flat
 
-Objective = Literal["iddpm", "rectified_flow"]  # the trainer config's diffusion.objective and pipeline.json's
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
 FLOW_SAMPLERS = ("dpm++", "euler", "heun")
 SD3_BASE_TOKENS = 256
 # The trainer config's diffusion fields that pipeline.json records, so that sampling and export follow the objective.
@@ -147,15 +145,20 @@ class RectifiedFlow:
         return x
 
 
-def make_objective(diffusion_config, patch_size: int):
-    """The trainer's objective from its config's `diffusion` section: GaussianDiffusion or RectifiedFlow (both
-    have sample_timesteps and training_losses)."""
-    flow = flow_from_config(diffusion_config, patch_size)
-    if flow is not None:
-        return flow
-    from training.diffusion import GaussianDiffusion
+class RectifiedFlowObjective:
+    """The trainer's `diffusion.objective: rectified_flow` (training.objectives): logit-normal times and noise from
+    the rank's generator, then RectifiedFlow.training_losses."""
 
-    return GaussianDiffusion(prediction_type=diffusion_config.prediction_type)
+    name = "rectified_flow"
+
+    def __init__(self, config):
+        self.flow = flow_from_config(config.diffusion, config.pixart_config().patch_size)
+
+    def __call__(self, model_fn: Callable[..., torch.Tensor], x0: torch.Tensor, model_kwargs: dict,
+                 generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        t = self.flow.sample_timesteps(x0.shape[0], x0.device, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        return self.flow.training_losses(model_fn, x0, t, model_kwargs, noise=noise)
 
 
 def flow_from_config(config, patch_size: int) -> RectifiedFlow | None:
