@@ -118,7 +118,7 @@ def timed_trainer(config, evaluate_weights):
             super().__init__(config)
             curve_file = self.out / CURVE
             curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
-            self.curve = [p for p in curve if p["step"] <= self.state.step]  # points past the checkpoint are redone
+            self.curve = [p for p in curve if p["step"] <= self.counters.step]  # points past the checkpoint are redone
             self.cpu_s = self.curve[-1]["cpu_s"] if self.curve else 0.0
             self.wall_s = self.curve[-1]["wall_s"] if self.curve else 0.0
 
@@ -129,11 +129,11 @@ def timed_trainer(config, evaluate_weights):
             self.wall_s += time.perf_counter() - wall
             return out
 
-        def save(self, final_weights: bool = False):
-            path = super().save(final_weights)
-            step = self.state.step
+        def save(self):
+            path = super().save()
+            step = self.counters.step
             if self.is_main and step not in {p["step"] for p in self.curve}:
-                weights = self.out / "final" if final_weights else self.out / "weights" / f"step_{step:08d}"
+                weights = self._weights_target()  # final/ at the last step, else weights/step_N
                 with self._rng_untouched():
                     accuracy = evaluate_weights(weights, step)
                 self.curve.append({"step": step, "cpu_s": round(self.cpu_s, 3), "wall_s": round(self.wall_s, 3),
