@@ -50,11 +50,12 @@ def test_an_exported_flow_model_samples_in_diffusers_like_training_sample(flow_w
     against the model's learned null caption (PixArt's), so only the conditional path is comparable."""
     from diffusers import PixArtAlphaPipeline
 
-    from common.pretrained import load_text_encoder, load_vae
+    from common.pretrained import load_text_encoder
     from training.export import export
     from training.flow import flow_from_config
-    from training.weights import load_model, read_pipeline_info
+    from training.sample import load_autoencoder
     from training.sampling import generate_images
+    from training.weights import load_model, read_pipeline_info
 
     pipe = PixArtAlphaPipeline.from_pretrained(export(flow_weights, tmp_path / "pipe"))
     assert pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.use_flow_sigmas
@@ -66,10 +67,10 @@ def test_an_exported_flow_model_samples_in_diffusers_like_training_sample(flow_w
 
     info = read_pipeline_info(flow_weights)
     model, _ = load_model(flow_weights)
-    ours = generate_images(model, load_vae(info.vae), load_text_encoder(info.text_encoder, max_length=120), prompts,
-                           height=64, width=64, sampler="dpm++", steps=8, guidance_scale=1.0,
+    ours = generate_images(model, load_autoencoder(info), load_text_encoder(info.text_encoder, max_length=120),
+                           prompts, height=64, width=64, sampler="dpm++", steps=8, guidance_scale=1.0,
                            generator=torch.Generator().manual_seed(3), batch_size=2,
-                           scaling_factor=info.scaling_factor, flow=flow_from_config(info, model.config.patch_size))
+                           flow=flow_from_config(info, model.config.patch_size))
     ours = np.stack([np.asarray(image, dtype=np.float64) / 255.0 for image in ours])
     assert np.abs(ours - theirs).max() <= 1.5 / 255  # the same picture; ours is rounded to 8 bits
     assert ours.std() > 0.01
