@@ -22,6 +22,7 @@ import torch
 
 from common.autoencoder import Autoencoder
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
+from training.flow import flow_from_config
 from training.grid import image_grid, save_png
 from training.model import StateDictMismatchError
 from training.sampling import DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args, generate_images
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
         seed=args.seed, batch_size=args.batch_size, progress=True,
-        prediction_type=info.prediction_type,
+        prediction_type=info.prediction_type, flow=flow_from_config(info, cfg.patch_size),
     )
 
     out = Path(args.out)
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "checkpoint": str(located.folder.resolve()), "ema": used_ema, "vae": vae_id,
         "text_encoder": encoder_id, "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
-        "sampler": args.sampler, "steps": steps,
+        "sampler": args.sampler, "steps": steps, "objective": info.objective,
         "cfg_scale": args.cfg_scale, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype,
         "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}
                    for f, v in zip(files, args.prompt or args.class_label)],

@@ -41,6 +41,7 @@ from training.data import DataError, ShardLoader, draw_latents
 from training.distributed import barrier, setup_distributed, teardown_distributed
 from training.ema import EMA
 from training.engine import build_engine, deepspeed_config
+from training.flow import FLOW_PIPELINE_FIELDS
 from training.metrics import Reporter, Throughput, attach_log_file, device_peak_tflops
 from training.model import PixArt
 from training.objectives import build_objective
@@ -146,6 +147,7 @@ class Trainer:
         # Identical initial weights on every rank: the same seed, then the same previous-stage weights.
         torch.manual_seed(config.run.seed)
         model = PixArt(cfg)
+        model.routing = config.routing.build()  # TREAD token routing in training (None when off)
         self.init_report = self._init_weights(model, resuming=bool(history))
         ds_config = deepspeed_config(config, self.bf16)
         global_batch = config.data.batch_size * dist.world_size * config.optimizer.gradient_accumulation_steps
@@ -367,7 +369,7 @@ class Trainer:
                             latent_channels=space.channels,
                             text_encoder=pre.text_encoder if self.model_config.text_conditioned else None,
                             prediction_type=self.config.diffusion.prediction_type,
-                            objective=self.config.diffusion.objective)
+                            **self.config.diffusion.model_dump(include=FLOW_PIPELINE_FIELDS))
 
     def _checkpoint_extras(self) -> dict[str, bytes]:
         return {CONFIG_NAME: encode_config(self.model_config),

@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -65,6 +66,11 @@ class PipelineInfo(BaseModel):
     text_encoder: str | None = DEFAULT_T5
     prediction_type: PredictionType = "epsilon"  # what the network predicts (the scheduler's)
     objective: ObjectiveName = "iddpm"  # how it was trained: the noise schedule and loss the samplers must match
+    # rectified_flow's time distribution and shift (training/flow.py; the trainer's diffusion.* of the same names)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float | Literal["auto"] = "auto"
+    flow_base_tokens: int = 256
 
 
 def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
