@@ -11,13 +11,14 @@ HOSTFILE ?=
 SET ?=
 DRY_RUN ?=
 
-.PHONY: help setup test test-fast demo demo-quick demo-ablation bench density-report \
+.PHONY: help setup test test-fast demo demo-quick demo-ablation demo-race bench density-report \
         curate recaption train-stage1 train-stage2 train-stage3 clean
 
 help:
 	@echo "make demo            the whole system end to end on CPU, and proof that it learns (about 14 min, 2 cores)"
 	@echo "make demo-quick      the same steps on a handful of pictures: proves the plumbing in 2-4 minutes"
 	@echo "make demo-ablation   the demo plus the dense/sparse and stage-1-init ablations"
+	@echo "make demo-race       stage 2 with four recipes (eps, v, rectified flow, flow + TREAD) against compute (~30 min) [SET=\"parallel=4 ...\"]"
 	@echo "make test            set up .venv and run the test suite"
 	@echo "make bench           benchmarks (ratios measured side by side); see BENCHMARKS.md"
 	@echo "make curate CONFIG=configs/curation/...yaml"
@@ -49,6 +50,9 @@ demo-quick: $(STAMP)
 
 demo-ablation: $(STAMP)
 	$(PY) -m demo --out $(OUT)/demo-ablation --ablation
+
+demo-race: $(STAMP)
+	$(PY) -m demo.race --out $(OUT)/demo-race $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -351,6 +351,7 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
     from common.pretrained import load_text_encoder
     from demo import evaluator
     from demo.scenes import dense_caption, held_out_scenes
+    from training.flow import flow_from_config
     from training.grid import image_grid, save_png
     from training.sample import load_autoencoder
     from training.sampling import generate_images
@@ -368,7 +369,8 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
         images = generate_images(model, codec, text_encoder, prompts, height=config.resolution,
                                  width=config.resolution, sampler=e.sampler, steps=e.steps,
                                  guidance_scale=e.guidance_scale, seed=e.seed, batch_size=len(prompts), progress=True,
-                                 prediction_type=info.prediction_type)
+                                 prediction_type=info.prediction_type,
+                                 flow=flow_from_config(info, model.config.patch_size))
     samples, grades = [], []
     for i, (image, scene, prompt) in enumerate(zip(images, scenes, prompts)):
         file = folder / f"{i // e.samples_per_prompt:02d}_{i % e.samples_per_prompt}.png"

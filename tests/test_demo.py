@@ -161,3 +161,27 @@ def test_reroot_moves_only_paths_under_the_default_out(tmp_path):
             "prompt": "a red circle"}
     assert reroot(tree, tmp_path) == {"output": str(tmp_path / "datasets/sa1b"), "keep": "outputs/other",
                                       "list": [str(tmp_path / "x"), 3], "prompt": "a red circle"}
+
+
+@pytest.mark.slow
+def test_quick_race_on_the_quick_demo_data(quick_demo):
+    """`python -m demo.race --quick` on the quick demo's folder: it reuses the data and stage 1, trains the four
+    recipes in their own processes, evaluates each checkpoint, and its summary is a recomputation of the curves."""
+    from demo.race import load_race_config, summarize
+
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    proc = subprocess.run([sys.executable, "-m", "demo.race", "--quick", "--out", str(quick_demo)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    race = load_race_config(quick=True)
+    report = json.loads((quick_demo / "race.json").read_text())
+    assert list(report["curves"]) == list(race.recipes) and (quick_demo / "race.png").is_file()
+    for name, curve in report["curves"].items():
+        assert [p["step"] for p in curve] == [2, 4]
+        assert 0 < curve[0]["cpu_s"] < curve[1]["cpu_s"]
+        assert json.loads((quick_demo / "race" / name / "curve.json").read_text()) == curve
+        pipeline = json.loads((quick_demo / "race" / name / "final" / "pipeline.json").read_text())
+        assert pipeline["objective"] == ("rectified_flow" if "flow" in name else "iddpm")
+    results = {n: {"label": race.recipes[n].label, "curve": c} for n, c in report["curves"].items()}
+    assert summarize(results, report["targets"], race.reference)["recipes"] == report["recipes"]
+    assert "steps to targets" in proc.stdout

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from training.compute import adamw, compile_engine
 from training.train_config import TrainConfig
 
 
@@ -47,8 +48,9 @@ def build_engine(model: torch.nn.Module, config: TrainConfig, ds_config: dict, g
 
     opt = config.optimizer
     lr = opt.effective_lr(global_batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=opt.betas, eps=opt.eps,
-                                  weight_decay=opt.weight_decay)
+    optimizer = adamw(model.parameters(), lr, opt, next(model.parameters()).device)  # fused where the device has it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupThenConstant(opt.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if config.run.compile:
+        compile_engine(engine, config.run.compile_backend)
     return engine, lr

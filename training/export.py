@@ -18,6 +18,7 @@ from pathlib import Path
 from common.autoencoder import Autoencoder
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, load_text_encoder
 from training.checkpoint import to_diffusers
+from training.flow import RectifiedFlow, flow_from_config
 from training.model import PixArt
 from training.sampling import dpm_solver_scheduler
 from training.weights import EMA_NAME, MODEL_NAME, PipelineInfo, load_model, locate, read_pipeline_info
@@ -34,9 +35,20 @@ class ExportSources:
     prediction_type: str = "epsilon"
     vae_subfolder: str | None = None
     shift_factor: float | None = None
+    flow: RectifiedFlow | None = None  # a rectified-flow model's objective (pipeline.json), else None
 
 
-def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
+def export_scheduler(model: PixArt, sources: ExportSources):
+    """The sampler training.sample uses by default, as a diffusers scheduler: DPM-Solver++ on the IDDPM schedule
+    for the prediction type, or on the flow path (flow sigmas, velocity input, the time shift at the model's native
+    size) for a rectified-flow model."""
+    if sources.flow is not None:
+        return sources.flow.scheduler("dpm++", sources.flow.tokens((model.config.input_size,) * 2))
+    return dpm_solver_scheduler(prediction_type=sources.prediction_type)
+
+
+def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None,
+                 patch_size: int = 2) -> ExportSources:
     """Flags win over the weights folder's pipeline.json (training.weights.PipelineInfo), which wins over the
     PixArt-alpha defaults. A --vae flag names a VAE of its own, so pipeline.json's subfolder does not apply to it."""
     recorded = read_pipeline_info(checkpoint)
@@ -49,6 +61,7 @@ def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | N
         prediction_type=info.prediction_type,
         vae_subfolder=None if vae else info.vae_subfolder,
         shift_factor=info.vae_shift_factor if recorded is not None else None,
+        flow=flow_from_config(info, patch_size),
     )
 
 
@@ -93,7 +106,7 @@ def build_pipeline(model: PixArt, sources: ExportSources):
                          f"caption_channels={cfg.caption_channels}")
     return PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.model, vae=vae.model,
                                transformer=to_diffusers(model.float()),
-                               scheduler=dpm_solver_scheduler(prediction_type=sources.prediction_type))
+                               scheduler=export_scheduler(model, sources))
 
 
 def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text_encoder: str | None = None,
@@ -104,7 +117,7 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
     checkpoint = located.folder
     model, ema = load_model(checkpoint, ema)
     print(located.describe(ema), flush=True)
-    pipeline = build_pipeline(model, read_sources(checkpoint, vae, text_encoder))
+    pipeline = build_pipeline(model, read_sources(checkpoint, vae, text_encoder, model.config.patch_size))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)

@@ -328,6 +328,48 @@ class FinalLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Token routing (TREAD), a training-time shortcut
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenRouting:
+    """TREAD (Krause et al. 2025, arXiv 2501.04765): in training, a random `rate` share of each sample's image
+    tokens skips blocks start..end-1 and rejoins the others, at its own position, after them. The blocks in that
+    range see fewer tokens (cheaper steps), the skipped tokens carry their earlier representation past them, and the
+    loss still covers every token. No parameters; inference (eval mode) runs every token through every block."""
+
+    rate: float = 0.5
+    start: int = 1
+    end: int = 3  # exclusive
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"TokenRouting.rate: must be in [0, 1), got {self.rate!r}")
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"TokenRouting.start/end: need 0 <= start < end, got {self.start}, {self.end}")
+
+
+def route_tokens(x: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the tokens that stay [B, N - round_down(rate N), C], their positions [B, N - ...]) for x [B, N, C]; a
+    random subset per sample (global torch RNG, like caption dropout). Nothing skips when rate N < 1."""
+    B, N, C = x.shape
+    stay = N - int(N * rate)
+    if stay == N:
+        return x, None
+    positions = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :stay]
+    return x.gather(1, positions[..., None].expand(B, stay, C)), positions
+
+
+def unroute_tokens(skipped: torch.Tensor, routed: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """The tokens that stayed, put back at their positions among `skipped` (the whole sequence as it was before the
+    routed blocks): the inverse of route_tokens."""
+    if positions is None:
+        return routed
+    return skipped.scatter(1, positions[..., None].expand_as(routed), routed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -339,6 +381,7 @@ class PixArt(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.gradient_checkpointing = cfg.gradient_checkpointing  # a runtime switch; the config gives the default
+        self.routing: TokenRouting | None = None  # TREAD, set by the trainer; used in train mode only
         hidden = cfg.hidden_size
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, hidden)
@@ -490,11 +533,20 @@ class PixArt(nn.Module):
             t = t + self.y_embedder(class_labels, drop)
         t0 = self.t_block(t)  # adaLN-single: computed once, shared by every block
 
-        for block in self.blocks:
+        # TREAD: in training, a random share of the tokens skips blocks [start, end) and rejoins after them.
+        route = self.routing if self.training and self.routing is not None else None
+        if route is not None and route.end > len(self.blocks):
+            raise ValueError(f"routing.end: {route.end} is past the model's {len(self.blocks)} blocks")
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.start:
+                skipped = x
+                x, positions = route_tokens(x, route.rate)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, t0, mask, use_reentrant=False)
             else:
                 x = block(x, y, t0, mask)
+            if route is not None and i == route.end - 1:
+                x = unroute_tokens(skipped, x, positions)
         x = self.final_layer(x, t)
         return self.unpatchify(x, h, w)
 

@@ -13,6 +13,7 @@ import torch
 from pydantic import AfterValidator
 
 from training.diffusion import GaussianDiffusion
+from training.flow import RectifiedFlowObjective
 
 ModelFn = Callable[..., torch.Tensor]  # model_fn(x_t, timestep, **model_kwargs) -> network output
 
@@ -33,7 +34,7 @@ class IDDPMObjective:
         return self.diffusion.training_losses(model_fn, x0, t, model_kwargs, noise=noise, snr_gamma=self.snr_gamma)
 
 
-OBJECTIVES: dict[str, Callable] = {"iddpm": IDDPMObjective}
+OBJECTIVES: dict[str, Callable] = {"iddpm": IDDPMObjective, "rectified_flow": RectifiedFlowObjective}
 
 
 def build_objective(config):

@@ -22,12 +22,13 @@ import torch
 
 from common.autoencoder import Autoencoder
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
+from training.flow import flow_from_config
 from training.grid import image_grid, save_png
 from training.model import StateDictMismatchError
 from training.sampling import DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args, generate_images
 # The weights folder's contract lives in training.weights; these names are the sampler's public interface.
 from training.weights import PIPELINE_NAME, PipelineInfo, locate, read_pipeline_info
-from training.weights import write_pipeline_info  # noqa: F401
+from training.weights import EMA_NAME, write_pipeline_info  # noqa: F401  (names callers import from here)
 from training.weights import load_model as load_weights
 
 
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
         seed=args.seed, batch_size=args.batch_size, progress=True,
-        prediction_type=info.prediction_type,
+        prediction_type=info.prediction_type, flow=flow_from_config(info, cfg.patch_size),
     )
 
     out = Path(args.out)
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "checkpoint": str(located.folder.resolve()), "ema": used_ema, "vae": vae_id,
         "text_encoder": encoder_id, "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
-        "sampler": args.sampler, "steps": steps,
+        "sampler": args.sampler, "steps": steps, "objective": info.objective,
         "cfg_scale": args.cfg_scale, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype,
         "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}
                    for f, v in zip(files, args.prompt or args.class_label)],

@@ -46,6 +46,7 @@ class SampleGrids:
     def __call__(self, weights: dict[str, torch.Tensor], path: Path):
         """(the grid image, its PNG path)."""
         from training.grid import image_grid, save_png
+        from training.flow import flow_from_config
         from training.sampling import generate_images
 
         cfg, text = self.config.sampling, self.model_config.text_conditioned
@@ -55,7 +56,8 @@ class SampleGrids:
                                  class_labels=None if text else cfg.class_labels, height=height, width=width,
                                  sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                  seed=cfg.seed,
-                                 prediction_type=self.config.diffusion.prediction_type)
+                                 prediction_type=self.config.diffusion.prediction_type,
+                                 flow=flow_from_config(self.config.diffusion, self.model_config.patch_size))
         captions = cfg.prompts if text else [f"class {c}" for c in cfg.class_labels]
         grid = image_grid(images, captions=captions)
         return grid, save_png(grid, path)

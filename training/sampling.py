@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from common.autoencoder import Autoencoder
 from training.diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, GaussianDiffusion
+from training.flow import FLOW_SAMPLERS, RectifiedFlow
 
-DEFAULT_STEPS = {"dpm++": 20, "iddpm": 100}
+DEFAULT_STEPS = {"dpm++": 20, "iddpm": 100, "euler": 20, "heun": 20}  # euler, heun: rectified-flow models
 SAMPLERS = tuple(DEFAULT_STEPS)
 DEFAULT_GUIDANCE_SCALE = 4.5
 
@@ -117,16 +118,22 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
            batch_size: int | None = None, latent_channels: int | None = None,
            device: torch.device | str | None = None, progress: bool = False,
-           prediction_type: str = "epsilon") -> torch.Tensor:
+           prediction_type: str = "epsilon", flow: RectifiedFlow | None = None) -> torch.Tensor:
     """Draw latents [B, C, h, w] (float32, in the model's scaled latent space) from `model`.
 
     The batch size comes from the conditioning (caption or class_labels), else from `noise` or `batch_size`
     (an unconditional call, without guidance). `prediction_type` is what the model predicts: "epsilon" (PixArt's)
-    or "v_prediction" (its training config's diffusion.prediction_type). Initial and per-step noise are drawn
+    or "v_prediction" (its training config's diffusion.prediction_type); `flow` makes it a rectified-flow model
+    (training.flow: velocity output, samplers dpm++, euler, heun). Initial and per-step noise are drawn
     from `generator` on its own device, so a seed gives the same latents on any accelerator. `model` is put in
     eval mode for the call (captions are dropped at random in train mode) and restored afterwards.
     """
     steps = check_sampler_args(sampler, steps, guidance_scale)
+    if flow is None and sampler in FLOW_SAMPLERS and sampler != "dpm++":
+        raise ValueError(f"sampler: {sampler!r} samples rectified-flow models; this is an IDDPM model (dpm++, iddpm)")
+    if flow is not None and sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler: {sampler!r} is not a rectified-flow sampler; choose one of "
+                         f"{', '.join(FLOW_SAMPLERS)}")
     h, w = (int(v) for v in latent_hw)
     patch = _model_config(model, "patch_size", 1)
     if h % patch or w % patch:
@@ -165,7 +172,9 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
     if was_training:
         model.eval()
     try:
-        if sampler == "dpm++":
+        if flow is not None:
+            x = flow.sample(lambda x_t, t: denoise(x_t, t)[:, :channels], x, sampler, steps, progress)
+        elif sampler == "dpm++":
             scheduler = dpm_solver_scheduler(prediction_type=prediction_type)
             scheduler.set_timesteps(steps, device=device)
             x = x * scheduler.init_noise_sigma
@@ -213,7 +222,7 @@ def generate_images(model, vae: Autoencoder, text_encoder=None, prompts: Sequenc
                     sampler: str = "dpm++", steps: int | None = None,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int | None = 0,
                     generator: torch.Generator | None = None, batch_size: int = 4, progress: bool = False,
-                    prediction_type: str = "epsilon") -> list[Image.Image]:
+                    prediction_type: str = "epsilon", flow: RectifiedFlow | None = None) -> list[Image.Image]:
     """One image per prompt (text models, `text_encoder` a common.pretrained.TextEncoder) or per class label
     (class-conditional models), decoded by `vae` (a common.autoencoder.Autoencoder carrying the latent space the
     model was trained in). Height and width default to the model's native size; micro-conditions
@@ -283,6 +292,6 @@ def generate_images(model, vae: Autoencoder, text_encoder=None, prompts: Sequenc
             kwargs["aspect_ratio"] = torch.tensor([[height / width]] * len(chunk), device=device)
         latents = sample(model, (height // factor, width // factor), sampler=sampler, steps=steps,
                          guidance_scale=guidance_scale, generator=generator, progress=progress,
-                         prediction_type=prediction_type, **kwargs)
+                         prediction_type=prediction_type, flow=flow, **kwargs)
         images += decode_latents(vae, latents)
     return images

@@ -103,6 +103,7 @@ class OptimizerSection(StrictModel):
     scale_lr: bool = False  # lr *= sqrt(global batch / 256), PixArt's "auto_lr" square-root rule
     # Micro-batches per update (DeepSpeed's): an update's batch is data.batch_size x processes x this.
     gradient_accumulation_steps: int = Field(1, ge=1)
+    fused: bool | None = None  # torch's fused AdamW kernel; None: where the device has one (training.compute)
 
     def effective_lr(self, global_batch: int) -> float:
         return self.lr * math.sqrt(global_batch / 256) if self.scale_lr else self.lr
@@ -122,8 +123,50 @@ class DiffusionSection(StrictModel):
     # Min-SNR loss weighting (the x0-space weight min(SNR, gamma)); null: PixArt's default, unweighted.
     # PixArt's `snr_loss=True` is gamma 5.
     snr_gamma: float | None = Field(None, gt=0)
-    # The training objective (training/objectives.py), recorded in pipeline.json for the samplers.
+    # The training objective (training/objectives.py), recorded in pipeline.json for the samplers: iddpm, PixArt's
+    # (the fields above), or rectified_flow, SD3's velocity objective (training/flow.py) with logit-normal training
+    # times and a time shift, a number or "auto" (sqrt(image tokens / flow_base_tokens)).
     objective: ObjectiveName = "iddpm"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    flow_shift: float | Literal["auto"] = "auto"
+    flow_base_tokens: int = Field(256, ge=1)
+
+    @field_validator("flow_shift")
+    @classmethod
+    def _positive_shift(cls, value):
+        if value != "auto" and not value > 0:
+            raise ValueError("must be a number > 0 or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> "DiffusionSection":
+        if self.objective == "rectified_flow":
+            for name in ("prediction_type", "snr_gamma"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name} is an IDDPM setting; rectified_flow predicts the velocity, unweighted")
+        return self
+
+
+class RoutingSection(StrictModel):
+    """TREAD token routing in training (training.model.TokenRouting): a random `rate` share of the image tokens
+    skips blocks start..end-1 (end exclusive) and rejoins after them. rate 0: off. Sampling never routes."""
+
+    rate: float = Field(0.0, ge=0, lt=1)
+    start: int = Field(1, ge=0)
+    end: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RoutingSection":
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end}, exclusive)")
+        return self
+
+    def build(self):
+        """The model's TokenRouting, or None when off."""
+        from training.model import TokenRouting
+
+        return TokenRouting(self.rate, self.start, self.end) if self.rate > 0 else None
 
 
 class DeepSpeedSection(StrictModel):
@@ -173,6 +216,8 @@ class RunSection(StrictModel):
     wandb_project: str = "pixart"  # with report_to wandb (WANDB_MODE=offline works without an account)
     # Peak dense FLOP/s per device for MFU; None: known GPUs' bf16 peak (training/metrics.py), none on CPU.
     peak_tflops: float | None = Field(None, gt=0)
+    compile: bool = False  # torch.compile the model (training.compute); the first steps pay for the compilation
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for checks)
 
 
 class SamplingSection(StrictModel):
@@ -204,6 +249,7 @@ class TrainConfig(StrictModel):
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     ema: EMASection = Field(default_factory=EMASection)
     diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     pretrained: PretrainedSection = Field(default_factory=PretrainedSection)
     init: InitSection = Field(default_factory=InitSection)
@@ -212,7 +258,10 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        text_model = self.model.build().text_conditioned
+        model = self.model.build()
+        text_model = model.text_conditioned
+        if self.routing.rate > 0 and self.routing.end > model.depth:
+            raise ValueError(f"routing.end: {self.routing.end} is past the model's {model.depth} blocks (model.depth)")
         if text_model and self.data.caption is None:
             raise ValueError("data.caption: a text-conditioned model needs the name of the caption to train on")
         if not text_model and self.data.caption is not None:

@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -65,6 +66,11 @@ class PipelineInfo(BaseModel):
     text_encoder: str | None = DEFAULT_T5
     prediction_type: PredictionType = "epsilon"  # what the network predicts (the scheduler's)
     objective: ObjectiveName = "iddpm"  # how it was trained: the noise schedule and loss the samplers must match
+    # rectified_flow's time distribution and shift (training/flow.py; the trainer's diffusion.* of the same names)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float | Literal["auto"] = "auto"
+    flow_base_tokens: int = 256
 
 
 def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
@@ -78,9 +84,17 @@ def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
         raise ValueError(f"{path}: not a valid {PIPELINE_NAME}: {err}") from None
 
 
+def encode_pipeline_info(info: PipelineInfo) -> bytes:
+    return (json.dumps(info.model_dump(), indent=2) + "\n").encode()
+
+
+def encode_config(config: PixArtConfig) -> bytes:
+    return (json.dumps(config.to_dict(), indent=2) + "\n").encode()
+
+
 def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
     path = Path(folder) / PIPELINE_NAME
-    atomic_write_bytes(path, (json.dumps(info.model_dump(), indent=2) + "\n").encode())
+    atomic_write_bytes(path, encode_pipeline_info(info))
     return path
 
 
@@ -100,14 +114,14 @@ def write_weights_folder(folder: str | os.PathLike, config: PixArtConfig, model_
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(folder)
     tmp.mkdir()
-    (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (tmp / CONFIG_NAME).write_bytes(encode_config(config))
     meta = {"format": "pt", "model": "PixArt"}
     save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_NAME),
               metadata=meta)
     if ema_state is not None:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in ema_state.items()}, str(tmp / EMA_NAME),
                   metadata=meta)
-    (tmp / PIPELINE_NAME).write_text(json.dumps(pipeline.model_dump(), indent=2) + "\n")
+    write_pipeline_info(tmp, pipeline)
     if trainer_info is not None:
         (tmp / TRAINER_NAME).write_text(json.dumps(trainer_info, indent=1) + "\n")
     publish_replacing(tmp, folder)
@@ -239,7 +253,8 @@ def locate(path: str | os.PathLike) -> Located:
             return Located(path / FINAL, "the run's final weights")
         for folder in reversed(step_folders(path / WEIGHTS_DIR)):
             if weights_problem(folder) is None:
-                return Located(folder, f"the run's newest complete weights, {folder.name}; it has no final/ yet")
+                return Located(folder, f"the run's newest complete weights, {folder.name}: "
+                                       f"{weights_problem(path / FINAL)}")
         for ckpt in reversed(step_folders(path / CHECKPOINTS_DIR)):
             return _from_checkpoint(ckpt)
         raise WeightsError(f"{path}: a run folder without complete weights (final/, weights/step_N) or checkpoints")
