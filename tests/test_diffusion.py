@@ -151,8 +151,29 @@ def test_training_losses_split_gradients_between_mean_and_variance():
     assert out.grad[:, 4:].abs().max().item() == 0.0 and out.grad[:, :4].abs().max().item() > 0
 
 
+def official_space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The rule of IDDPM's / PixArt's respace.py for one section, re-derived with numpy: the kept steps are the
+    rounded prefix sums of the fractional stride, each prefix sum accumulated in order (np.add.accumulate adds
+    left to right, as the official loop's `cur_idx += frac_stride` does)."""
+    stride = 1.0 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
+    totals = np.concatenate([[0.0], np.add.accumulate(np.full(steps - 1, stride))])
+    return sorted({round(float(v)) for v in totals})
+
+
+def test_respacing_picks_the_official_timesteps_for_every_step_count():
+    rounded_products_differ = 0
+    for steps in range(1, 1001):
+        kept = space_timesteps(1000, steps)
+        assert kept == official_space_timesteps(1000, steps), steps
+        assert len(kept) == steps and kept[0] == 0 and (steps == 1 or kept[-1] == 999)
+        stride = 999 / max(steps - 1, 1)
+        rounded_products_differ += kept != [round(i * stride) for i in range(steps)]
+    # The count and the example the side-by-side comparison with the official code found.
+    assert rounded_products_differ == 278
+    assert space_timesteps(1000, 21)[10] == 499
+
+
 def test_respacing_keeps_the_cumulative_alphas():
-    assert space_timesteps(1000, 100) == [round(i * 999 / 99) for i in range(100)]
     assert space_timesteps(1000, 100)[:3] == [0, 10, 20] and space_timesteps(1000, 100)[-1] == 999
     assert space_timesteps(1000, 1) == [0]
     with pytest.raises(ValueError, match="steps"):

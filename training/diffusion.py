@@ -47,14 +47,19 @@ def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = B
 
 
 def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps of a `num_timesteps` process, evenly spread from 0 to num_timesteps - 1 inclusive
-    (IDDPM's `space_timesteps(num_timesteps, [steps])`: a fractional stride, rounded)."""
+    """`steps` timesteps of a `num_timesteps` process, evenly spread from 0 to num_timesteps - 1 inclusive, as
+    IDDPM's (and PixArt's) `space_timesteps(num_timesteps, [steps])` picks them: a fractional stride is added up
+    step by step in floating point and each running total rounded (Python's round, half to even). The running
+    total is not i * stride: the two differ in the last bits, and so after rounding for 278 of the 1000 step
+    counts (21 steps: 499, not 500), which changes the model's inputs; we match the official choice."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
-    if steps == 1:
-        return [0]
-    stride = (num_timesteps - 1) / (steps - 1)
-    return [round(i * stride) for i in range(steps)]
+    stride = 1.0 if steps == 1 else (num_timesteps - 1) / (steps - 1)
+    taken, position = [], 0.0
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return taken
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
