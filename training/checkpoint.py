@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from training.model import PRESETS, PixArt, PixArtConfig, StateDictMismatchError, load_state_dict_strict
+from training.model import (PRESETS, PixArt, PixArtConfig, StateDictMismatchError, load_state_dict_strict,
+                            sincos_pos_embed_2d)
 
 # Official buffers we do not keep: the position embedding is recomputed for each latent size.
 OFFICIAL_RECOMPUTED = ("pos_embed",)
@@ -59,8 +61,38 @@ def read_official_state_dict(path: str | Path, ema: bool = False) -> dict[str, t
     return state
 
 
-def official_to_pixart(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official keys -> ours: identical names, minus the recomputed buffers."""
+def check_pos_embed(stored: torch.Tensor, config: PixArtConfig, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose stored position embedding is not the one `config` recomputes.
+
+    The official models keep their base-grid sin-cos embedding as a buffer; we recompute it from input_size,
+    patch_size and pe_interpolation. Loading into a config that differs in those would give a model whose every
+    output is wrong (about 0.47 relative difference for a wrong pe_interpolation) without any key mismatch."""
+    grid = config.base_size
+    expected = sincos_pos_embed_2d(config.hidden_size, (grid, grid), grid, config.pe_interpolation)
+    stored = stored.detach().float().cpu().reshape(-1, stored.shape[-1])
+    if stored.shape == expected.shape and torch.allclose(stored, expected, atol=1e-4, rtol=0):
+        return
+    hint = ""
+    side = math.isqrt(stored.shape[0])
+    if stored.shape[-1] == config.hidden_size and side * side == stored.shape[0]:
+        matches = [s for s in (0.25, 0.5, 1.0, 2.0, 3.0, 4.0) if torch.allclose(
+            stored, sincos_pos_embed_2d(config.hidden_size, (side, side), side, s), atol=1e-4, rtol=0)]
+        if matches:
+            hint = (f"; the stored one is that of input_size={side * config.patch_size}, "
+                    f"pe_interpolation={matches[0]:g}")
+    raise StateDictMismatchError(
+        f"{source}: the stored pos_embed {tuple(stored.shape)} is not the position embedding of this config "
+        f"(input_size={config.input_size}, patch_size={config.patch_size}, pe_interpolation="
+        f"{config.pe_interpolation:g}){hint}. Choose the preset the checkpoint was trained as, or set "
+        f"model.overrides pe_interpolation / input_size to match it")
+
+
+def official_to_pixart(state_dict: Mapping[str, torch.Tensor], config: PixArtConfig | None = None,
+                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Official keys -> ours: identical names, minus the recomputed buffers. With `config`, a stored pos_embed
+    is first compared with the one the config recomputes (check_pos_embed)."""
+    if config is not None and "pos_embed" in state_dict:
+        check_pos_embed(state_dict["pos_embed"], config, source)
     return {k: v for k, v in state_dict.items() if k not in OFFICIAL_RECOMPUTED}
 
 
@@ -72,7 +104,8 @@ def load_official_checkpoint(path: str | Path, config: PixArtConfig | str, ema: 
             raise ValueError(f"unknown preset {config!r}; expected one of {sorted(PRESETS)}")
         config = PRESETS[config]
     model = PixArt(config)
-    load_state_dict_strict(model, official_to_pixart(read_official_state_dict(path, ema=ema)), source=str(path))
+    state = official_to_pixart(read_official_state_dict(path, ema=ema), config, source=str(path))
+    load_state_dict_strict(model, state, source=str(path))
     return model.eval()
 
 

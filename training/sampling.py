@@ -225,7 +225,8 @@ def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None
                     prediction_type: str = "epsilon") -> list[Image.Image]:
     """One image per prompt (text models, `text_encoder` a common.pretrained.TextEncoder) or per class label
     (class-conditional models). Height and width default to the model's native size; micro-conditions
-    (resolution, aspect ratio = height / width) are passed when the model takes them.
+    (resolution = (height, width), and the aspect ratio as config.aspect_ratio says: by default the official ratio
+    key nearest to height / width) are passed when the model takes them.
 
     A `seed` (or an explicit `generator`) makes the result reproducible; the prompts are sampled `batch_size` at
     a time from one random stream, so a prompt's image depends on its position in the list.
@@ -288,7 +289,8 @@ def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None
             kwargs["class_labels"] = torch.tensor([int(c) for c in chunk], dtype=torch.long, device=device)
         if micro:
             kwargs["resolution"] = torch.tensor([[float(height), float(width)]] * len(chunk), device=device)
-            kwargs["aspect_ratio"] = torch.tensor([[height / width]] * len(chunk), device=device)
+            aspect = model.config.aspect_ratio(height, width)  # the official ratio key, unless configured h / w
+            kwargs["aspect_ratio"] = torch.tensor([[aspect]] * len(chunk), device=device)
         latents = sample(model, (height // factor, width // factor), sampler=sampler, steps=steps,
                          guidance_scale=guidance_scale, generator=generator, progress=progress,
                          prediction_type=prediction_type, **kwargs)

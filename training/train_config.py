@@ -106,14 +106,35 @@ class EMASection(StrictModel):
 
 
 class DiffusionSection(StrictModel):
-    """The training objective."""
+    """The training objective (training/diffusion.py): what the network predicts and how its error is measured."""
 
     # What the network's first output half predicts: PixArt's eps, or v (see training/diffusion.py). Recorded in
     # the weights folder's pipeline.json, so the samplers and the exported scheduler use the same.
     prediction_type: PredictionType = "epsilon"
-    # Min-SNR loss weighting (the x0-space weight min(SNR, gamma)); null: PixArt's default, unweighted.
-    # PixArt's `snr_loss=True` is gamma 5.
-    snr_gamma: float | None = Field(None, gt=0)
+    # Timesteps t < x0_target_below are trained on an x0 target (the clean latent against the x0 the output
+    # implies), later ones on eps, unweighted: the official PixArt-alpha `snr=True` option is 250. null: off.
+    x0_target_below: int | None = Field(None, ge=1, le=1000)
+    # Min-SNR loss weighting, min(SNR, gamma) / SNR on the eps error (Hang et al. 2023; the official code uses it,
+    # with gamma 5, only in its LoRA script). null: PixArt's default, unweighted.
+    min_snr_gamma: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "snr_gamma" in data:
+            raise ValueError("snr_gamma was split by what it does: min_snr_gamma is the Min-SNR weighting it "
+                             "applied; x0_target_below: 250 is the official PixArt `snr=True` loss")
+        return data
+
+    @model_validator(mode="after")
+    def _one_loss(self) -> "DiffusionSection":
+        if self.min_snr_gamma is not None and self.x0_target_below is not None:
+            raise ValueError("min_snr_gamma and x0_target_below are two different losses; set one of them")
+        return self
+
+    def loss_options(self) -> dict[str, Any]:
+        """Keyword arguments of GaussianDiffusion.training_losses."""
+        return {"min_snr_gamma": self.min_snr_gamma, "x0_target_below": self.x0_target_below}
 
 
 class DeepSpeedSection(StrictModel):

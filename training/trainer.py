@@ -316,7 +316,8 @@ class Trainer:
             kwargs = {"class_labels": batch["class_labels"].to(device, non_blocking=True)}
         if cfg.micro_conditions:
             kwargs["resolution"] = batch["resolution"].to(device, non_blocking=True)
-            kwargs["aspect_ratio"] = batch["aspect_ratio"].to(device, non_blocking=True)
+            key = "aspect_ratio_key" if cfg.aspect_ratio_input == "bucket_key" else "aspect_ratio"
+            kwargs["aspect_ratio"] = batch[key].to(device, non_blocking=True)
         return kwargs
 
     def _forward(self, x_t: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -333,7 +334,7 @@ class Trainer:
         t = self.diffusion.sample_timesteps(n, device, generator=self.generator)
         noise = torch.randn(x0.shape, generator=self.generator, device=device)
         losses = self.diffusion.training_losses(self._forward, x0, t, self.model_kwargs(batch), noise=noise,
-                                                snr_gamma=self.config.diffusion.snr_gamma)
+                                                **self.config.diffusion.loss_options())
         loss = losses["loss"].mean()
         # Every rank must take the same branch, or the others would wait forever in the gradient all-reduce.
         stats = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=device),
