@@ -1,9 +1,9 @@
 """Sample images from a trained PixArt weights folder.
 
-    python -m training.sample --checkpoint runs/stage2/weights --prompt "a red bus in the snow" \
-        --prompt "a bowl of ramen" --out samples/ [--sampler dpm++|iddpm] [--steps 20] [--cfg-scale 4.5] [--seed 0]
+    python -m training.sample --checkpoint runs/stage2/weights --prompt "a red bus in the snow"
+        [--prompt ...] [--prompt-file prompts.txt] --out samples/ [--images-per-prompt 4] [--negative-prompt "blurry"] [--sampler dpm++|sa-solver|iddpm] [--steps N] [--cfg-scale 4.5] [--seed 0]
 
-Writes one PNG per prompt (`000_a-red-bus-in-the-snow.png`, ...), `grid.png` with every image captioned, and
+Writes one PNG per image (`000_a-red-bus-in-the-snow.png`, ...), `grid.png` with every image captioned, and
 `samples.json` (prompts, files and settings). The VAE and the T5 encoder are the ones named in the folder's
 `pipeline.json` (see "Weights on disk" in docs/ARCHITECTURE.md) unless --vae / --text-encoder say otherwise; each
 is loaded with `from_pretrained` from a hub id or a local folder. EMA weights (`ema.safetensors`) are used when
@@ -25,8 +25,8 @@ from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_t
 from training.diffusion import PredictionType
 from training.grid import image_grid, save_png
 from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, StateDictMismatchError, load_state_dict_strict
-from training.sampling import (DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args,
-                               generate_images, vae_downsample_factor)
+from training import cli
+from training.sampling import check_image_size, check_sampler_args, generate_images, vae_downsample_factor
 
 PIPELINE_NAME = "pipeline.json"
 EMA_NAME = "ema.safetensors"
@@ -93,43 +93,54 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("training.sample", __doc__)
     p.add_argument("--checkpoint", required=True, help="weights folder (config.json, model.safetensors, "
                    "optional ema.safetensors and pipeline.json)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several images")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompt-file", help="a text file of prompts, one per line (blank lines and lines starting "
+                   "with # are skipped); added after any --prompt")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images drawn for each prompt or class label")
     p.add_argument("--class-label", action="append", type=int, default=[],
                    help="a class index, for class-conditional (stage 1) checkpoints; repeat for several")
     p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
-    p.add_argument("--vae", help="VAE hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_VAE)
-    p.add_argument("--vae-class", help="diffusers class of the VAE (default: pipeline.json's, else AutoencoderKL)")
-    p.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE, e.g. vae (default: pipeline.json's "
-                   "when --vae is not given)")
-    p.add_argument("--text-encoder", help="T5 hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_T5)
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpm++")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 20 for dpm++, 100 for iddpm)")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use ema.safetensors (default: when the folder has one)")
-    p.add_argument("--batch-size", type=int, default=4, help="images sampled together")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the transformer, VAE and text encoder")
+    models = p.add_argument_group("models (default: those named in the folder's pipeline.json)")
+    models.add_argument("--vae", help=f"VAE hub id or folder (default: pipeline.json's, else {DEFAULT_VAE})")
+    models.add_argument("--vae-class", help="diffusers class of the VAE (default: pipeline.json's, else "
+                        "AutoencoderKL)")
+    models.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE, e.g. vae (default: "
+                        "pipeline.json's when --vae is not given)")
+    models.add_argument("--text-encoder", help=f"T5 hub id or folder (default: pipeline.json's, else {DEFAULT_T5})")
+    cli.add_sampling_args(p)
+    cli.add_device_args(p)
     return p
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """The prompts of a prompt file: one per line, blank lines and # comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt-file: {path} not found")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def run(args: argparse.Namespace) -> dict:
     """Sample as the CLI does; returns the samples.json record. Raises ValueError/FileNotFoundError/
     MissingModelError/StateDictMismatchError with a message naming the argument at fault."""
     dtype = getattr(torch, args.dtype)
+    prompts = list(args.prompt) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     model, used_ema = load_weights(args.checkpoint, args.ema, args.device, dtype)
     cfg = model.config
-    if cfg.text_conditioned and (not args.prompt or args.class_label):
-        raise ValueError("prompt: this is a text-to-image checkpoint; give --prompt (and no --class-label)")
-    if not cfg.text_conditioned and (not args.class_label or args.prompt):
+    if args.negative_prompt is not None and not cfg.text_conditioned:
+        raise ValueError("negative-prompt: a class-conditional checkpoint takes no prompts")
+    if args.images_per_prompt < 1:
+        raise ValueError(f"images-per-prompt: must be >= 1, got {args.images_per_prompt}")
+    if cfg.text_conditioned and (not prompts or args.class_label):
+        raise ValueError("prompt: this is a text-to-image checkpoint; give --prompt or --prompt-file "
+                         "(and no --class-label)")
+    if not cfg.text_conditioned and (not args.class_label or prompts):
         raise ValueError(f"class-label: this is a class-conditional checkpoint ({cfg.num_classes} classes); "
                          "give --class-label (and no --prompt)")
     if not args.cfg_scale >= 0:  # also NaN
@@ -163,14 +174,17 @@ def run(args: argparse.Namespace) -> dict:
         text_encoder.model.to(args.device)
 
     images = generate_images(
-        model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
+        model, vae, text_encoder, prompts=prompts or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
         seed=args.seed, scaling_factor=info.scaling_factor, batch_size=args.batch_size, progress=True,
-        prediction_type=info.prediction_type,
+        prediction_type=info.prediction_type, negative_prompt=args.negative_prompt,
+        images_per_prompt=args.images_per_prompt,
     )
 
     out = Path(args.out)
-    labels = list(args.prompt) if cfg.text_conditioned else [f"class {c}" for c in args.class_label]
+    values = prompts if cfg.text_conditioned else args.class_label
+    values = [v for v in values for _ in range(args.images_per_prompt)]  # generate_images' order
+    labels = values if cfg.text_conditioned else [f"class {c}" for c in values]
     files = []
     for i, (image, label) in enumerate(zip(images, labels)):
         files.append(save_png(image, out / f"{i:03d}_{_slug(label)}.png").name)
@@ -178,9 +192,10 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "checkpoint": str(Path(args.checkpoint).resolve()), "ema": used_ema, "vae": vae_id,
         "text_encoder": encoder_id, "scaling_factor": info.scaling_factor, "sampler": args.sampler, "steps": steps,
-        "cfg_scale": args.cfg_scale, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype,
+        "cfg_scale": args.cfg_scale, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "images_per_prompt": args.images_per_prompt, "height": height, "width": width, "dtype": args.dtype,
         "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}
-                   for f, v in zip(files, args.prompt or args.class_label)],
+                   for f, v in zip(files, values)],
         "grid": "grid.png",
     }
     tmp = out / ".samples.json.tmp"
