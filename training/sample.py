@@ -1,7 +1,8 @@
 """Sample images from a trained PixArt weights folder.
 
     python -m training.sample --checkpoint runs/stage2/weights --prompt "a red bus in the snow"
-        [--prompt ...] [--prompt-file prompts.txt] --out samples/ [--images-per-prompt 4] [--negative-prompt "blurry"] [--sampler dpm++|sa-solver|iddpm] [--steps N] [--cfg-scale 4.5] [--seed 0]
+        [--prompt ...] [--prompt-file prompts.txt] --out samples/ [--images-per-prompt 4] [--negative-prompt "blurry"]
+        [--sampler dpm++|sa-solver|iddpm] [--steps N] [--cfg-scale 4.5] [--seed 0]
 
 Writes one PNG per image (`000_a-red-bus-in-the-snow.png`, ...), `grid.png` with every image captioned, and
 `samples.json` (prompts, files and settings). The VAE and the T5 encoder are the ones named in the folder's
