@@ -114,14 +114,20 @@ def load_official_checkpoint(path: str | Path, config: PixArtConfig | str, ema: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def diffusers_config(config: PixArtConfig) -> dict:
-    """Keyword arguments of `PixArtTransformer2DModel` describing the same network as `config`."""
+def diffusers_config(config: PixArtConfig, sample_size: int | None = None) -> dict:
+    """Keyword arguments of `PixArtTransformer2DModel` describing the same network as `config`.
+
+    `sample_size` declares another native latent size than config.input_size, with the interpolation scale
+    rescaled by sample_size / input_size so that the position embedding of every grid stays the same (both
+    stretch a grid onto base_size / interpolation_scale). PixArtAlphaPipeline passes micro-conditions only to a
+    transformer whose sample_size is 128, so training.export declares 128 for multi-scale models of other sizes."""
     if not config.text_conditioned:
         raise ValueError("a class-conditional PixArt (num_classes set) has no diffusers PixArtTransformer2DModel "
                          "equivalent; only text models convert")
     if config.mlp_ratio != 4.0:
         raise ValueError(f"mlp_ratio: diffusers' PixArt feed-forward is 4x wide, got {config.mlp_ratio}")
-    scale = config.pe_interpolation
+    declared = config.input_size if sample_size is None else sample_size
+    scale = config.pe_interpolation * declared / config.input_size
     return dict(
         num_attention_heads=config.num_heads,
         attention_head_dim=config.hidden_size // config.num_heads,
@@ -130,7 +136,7 @@ def diffusers_config(config: PixArtConfig) -> dict:
         num_layers=config.depth,
         cross_attention_dim=config.hidden_size,
         attention_bias=True,
-        sample_size=config.input_size,
+        sample_size=declared,
         patch_size=config.patch_size,
         activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000,
@@ -247,11 +253,12 @@ def state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor], config: Pi
     return out
 
 
-def to_diffusers(model: PixArt):
-    """A diffusers PixArtTransformer2DModel computing the same function as `model` (weights copied, same dtype)."""
+def to_diffusers(model: PixArt, sample_size: int | None = None):
+    """A diffusers PixArtTransformer2DModel computing the same function as `model` (weights copied, same dtype);
+    `sample_size` as in diffusers_config."""
     from diffusers import PixArtTransformer2DModel
 
-    transformer = PixArtTransformer2DModel(**diffusers_config(model.config))
+    transformer = PixArtTransformer2DModel(**diffusers_config(model.config, sample_size))
     theirs = state_dict_to_diffusers(model.state_dict(), model.config)
     transformer.load_state_dict({k: v.detach().clone() for k, v in theirs.items()}, strict=True)
     dtype = next(model.parameters()).dtype
