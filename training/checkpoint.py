@@ -62,26 +62,27 @@ def read_official_state_dict(path: str | Path, ema: bool = False) -> dict[str, t
 
 
 def check_pos_embed(stored: torch.Tensor, config: PixArtConfig, source: str = "checkpoint") -> None:
-    """Refuse a checkpoint whose stored position embedding is not the one `config` recomputes.
+    """Refuse a checkpoint whose stored position embedding is not what `config` computes for the same grid.
 
-    The official models keep their base-grid sin-cos embedding as a buffer; we recompute it from input_size,
-    patch_size and pe_interpolation. Loading into a config that differs in those would give a model whose every
-    output is wrong (about 0.47 relative difference for a wrong pe_interpolation) without any key mismatch."""
-    grid = config.base_size
-    expected = sincos_pos_embed_2d(config.hidden_size, (grid, grid), grid, config.pe_interpolation)
+    The official models keep their training grid's sin-cos embedding as a buffer; we recompute it from the grid,
+    input_size / patch_size (the base grid) and pe_interpolation. A config that differs there gives a model whose
+    every output is wrong (about 0.47 relative difference for a wrong pe_interpolation) without any key mismatch.
+    A config that computes the same embedding on that grid (a 512-px checkpoint in a 1024-px config with twice the
+    pe_interpolation, as the official 1024-px model was trained) is accepted."""
     stored = stored.detach().float().cpu().reshape(-1, stored.shape[-1])
-    if stored.shape == expected.shape and torch.allclose(stored, expected, atol=1e-4, rtol=0):
-        return
-    hint = ""
     side = math.isqrt(stored.shape[0])
     if stored.shape[-1] == config.hidden_size and side * side == stored.shape[0]:
+        ours = sincos_pos_embed_2d(config.hidden_size, (side, side), config.base_size, config.pe_interpolation)
+        if torch.allclose(stored, ours, atol=1e-4, rtol=0):
+            return
         matches = [s for s in (0.25, 0.5, 1.0, 2.0, 3.0, 4.0) if torch.allclose(
             stored, sincos_pos_embed_2d(config.hidden_size, (side, side), side, s), atol=1e-4, rtol=0)]
-        if matches:
-            hint = (f"; the stored one is that of input_size={side * config.patch_size}, "
-                    f"pe_interpolation={matches[0]:g}")
+        hint = (f"; it is that of input_size={side * config.patch_size}, pe_interpolation={matches[0]:g}"
+                if matches else "")
+    else:
+        hint = f"; expected a square grid of {config.hidden_size}-wide embeddings"
     raise StateDictMismatchError(
-        f"{source}: the stored pos_embed {tuple(stored.shape)} is not the position embedding of this config "
+        f"{source}: its stored pos_embed {tuple(stored.shape)} is not the position embedding of this config "
         f"(input_size={config.input_size}, patch_size={config.patch_size}, pe_interpolation="
         f"{config.pe_interpolation:g}){hint}. Choose the preset the checkpoint was trained as, or set "
         f"model.overrides pe_interpolation / input_size to match it")

@@ -158,11 +158,13 @@ class PretrainedSection(StrictModel):
 
 
 class InitSection(StrictModel):
-    """Where the weights come from: a weights folder of a previous (sub-)stage, or None for random init."""
+    """Where the weights come from (training/init_sources.py): a weights folder of a previous (sub-)stage, an
+    official PixArt-alpha .pth, a diffusers PixArtTransformer2DModel (hub id or folder), or None for random init."""
 
     weights: str | None = None
+    subfolder: str | None = None  # diffusers: the transformer's subfolder (default: "transformer" for a pipeline)
     transition: Literal["auto", "class_to_text", "continue"] = "auto"  # auto: decided from the two configs
-    use_ema: bool = False  # start from the previous stage's EMA weights instead of its model weights
+    use_ema: bool = False  # start from the EMA weights (a previous stage's ema.safetensors, an official state_dict_ema)
     t_star: int = Field(500, ge=0, lt=1000)  # class_to_text: the timestep at which modulations are matched
 
 

@@ -43,7 +43,8 @@ from training.data import BatchPlan, DataError, draw_latents, make_loader
 from training.diffusion import GaussianDiffusion
 from training.ema import EMA
 from training.model import PixArt
-from training.stages import EMA_WEIGHTS_NAME, TransitionError, init_from_previous
+from training.init_sources import init_model
+from training.stages import EMA_WEIGHTS_NAME, TransitionError
 from training.train_config import TrainConfig, load_train_config
 
 log = logging.getLogger("training.trainer")
@@ -217,8 +218,7 @@ class Trainer:
                               f"(run.resume=true) or choose a new run.output_dir")
         self.init_report = None
         if latest is None and config.init.weights:
-            report = init_from_previous(model, config.init.weights, config.init.transition, config.init.use_ema,
-                                        config.init.t_star)
+            report = init_model(model, config.init, config.pretrained)
             self.init_report = report.to_dict()
             if self.is_main:
                 log.info("%s", report.summary())
