@@ -221,6 +221,16 @@ def _tables(config: PixArtConfig):
     return renames, _fused(config)
 
 
+def diffusers_modules(config: PixArtConfig) -> dict[str, list[str]]:
+    """Our linear module -> the diffusers PixArtTransformer2DModel module(s) its weight rows go to, in order (the
+    fused qkv and kv projections have three and two). For LoRA adapters, which live on module names."""
+    renames, fused = _tables(config)
+    table = {o.removesuffix(".weight"): [t.removesuffix(".weight")] for o, t in renames.items() if o.endswith(".weight")}
+    table.update({o.removesuffix(".weight"): [t.removesuffix(".weight") for t in parts]
+                  for o, parts in fused.items() if o.endswith(".weight")})
+    return table
+
+
 def _check_keys(state_dict: Mapping, expected: set[str], source: str) -> None:
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:

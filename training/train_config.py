@@ -29,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE
 from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE
 from training.diffusion import PredictionType
+from training.lora import LoraSection
 from common.config import ConfigError, StrictModel, load_config
 
 
@@ -215,6 +216,7 @@ class TrainConfig(StrictModel):
     init: InitSection = Field(default_factory=InitSection)
     run: RunSection
     sampling: SamplingSection = Field(default_factory=SamplingSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

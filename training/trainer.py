@@ -42,7 +42,8 @@ from common.config import ConfigError, dump_config
 from training.data import BatchPlan, DataError, draw_latents, make_loader
 from training.diffusion import GaussianDiffusion
 from training.ema import EMA
-from training.model import PixArt
+from training.lora import ADAPTER_DIR, EMA_ADAPTER_DIR, add_lora, save_adapter, split_state
+from training.model import WEIGHTS_NAME, PixArt
 from training.init_sources import init_model
 from training.stages import EMA_WEIGHTS_NAME, TransitionError
 from training.train_config import TrainConfig, load_train_config
@@ -225,11 +226,13 @@ class Trainer:
                 atomic_write_bytes(self.out / "init_report.json", json.dumps(self.init_report, indent=1).encode())
         elif latest is not None and (self.out / "init_report.json").is_file():
             self.init_report = json.loads((self.out / "init_report.json").read_text())
+        if config.lora.enabled:
+            add_lora(model, config.lora)  # adapters only train; the weights folders hold them merged and apart
 
         global_batch = config.data.batch_size * dist.world_size
         lr = config.optimizer.effective_lr(global_batch)
         opt = config.optimizer
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=opt.betas, eps=opt.eps,
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=opt.betas, eps=opt.eps,
                                       weight_decay=opt.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupThenConstant(opt.warmup_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model.to(dist.device), optimizer=optimizer,
@@ -541,18 +544,25 @@ class Trainer:
 
     def export_weights(self, folder: Path, checkpoint_root: Path, tag: str) -> Path:
         """Rank 0: config.json + model.safetensors (PixArt.save_pretrained), ema.safetensors, pipeline.json and
-        trainer.json, written into a temp folder that replaces `folder` when complete."""
-        from safetensors.torch import save_file
-
+        trainer.json, written into a temp folder that replaces `folder` when complete. A LoRA run's folder holds
+        the merged full weights and the adapters apart (training/lora.py)."""
         from training.sample import PipelineInfo, write_pipeline_info
 
         tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
         model = PixArt(self.model_config)
-        model.load_state_dict(self.consolidated_state_dict(checkpoint_root, tag), strict=True)
-        model.save_pretrained(tmp)
+        lora = self.config.lora
+        trained = add_lora(PixArt(self.model_config), lora) if lora.enabled else model  # the engine's layout
+        trained.load_state_dict(self.consolidated_state_dict(checkpoint_root, tag), strict=True)
+        weights = {"model": trained.state_dict()}
         if self.ema is not None:
-            save_file(self.ema.full_state_dict(model), str(tmp / EMA_WEIGHTS_NAME),
-                      metadata={"format": "pt", "model": "PixArt"})
+            weights["ema"] = self.ema.full_state_dict(trained)
+        for kind, state in weights.items():
+            if lora.enabled:
+                state, adapter = split_state(state, lora)
+                save_adapter(tmp / (ADAPTER_DIR if kind == "model" else EMA_ADAPTER_DIR), adapter, lora,
+                             self.model_config)
+            model.load_state_dict(state, strict=True)
+            model.save_pretrained(tmp, filename=WEIGHTS_NAME if kind == "model" else EMA_WEIGHTS_NAME)
         pre = self.config.pretrained
         write_pipeline_info(tmp, PipelineInfo(vae=pre.vae, vae_class=pre.vae_class, scaling_factor=pre.scaling_factor,
                                               text_encoder=pre.text_encoder, vae_subfolder=pre.vae_subfolder,
@@ -575,6 +585,8 @@ class Trainer:
             weights = self.ema.full_state_dict(self.engine.module)
         else:
             weights = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        if self.config.lora.enabled:
+            weights = split_state(weights, self.config.lora)[0]  # merged: the grids' model has no LoRA layers
         path = self._grids(weights, self.out / "samples" / f"step_{self.state.step:08d}.png")
         log.info("sample grid %s", path)
         return path
