@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,17 +94,10 @@ def _slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "image"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("training.sample", __doc__)
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, --ema and the models group: what load_parts reads."""
     p.add_argument("--checkpoint", required=True, help="weights folder (config.json, model.safetensors, "
                    "optional ema.safetensors and pipeline.json)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    p.add_argument("--prompt-file", help="a text file of prompts, one per line (blank lines and lines starting "
-                   "with # are skipped); added after any --prompt")
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images drawn for each prompt or class label")
-    p.add_argument("--class-label", action="append", type=int, default=[],
-                   help="a class index, for class-conditional (stage 1) checkpoints; repeat for several")
-    p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use ema.safetensors (default: when the folder has one)")
     models = p.add_argument_group("models (default: those named in the folder's pipeline.json)")
@@ -113,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE, e.g. vae (default: "
                         "pipeline.json's when --vae is not given)")
     models.add_argument("--text-encoder", help=f"T5 hub id or folder (default: pipeline.json's, else {DEFAULT_T5})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser("training.sample", __doc__)
+    add_weights_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompt-file", help="a text file of prompts, one per line (blank lines and lines starting "
+                   "with # are skipped); added after any --prompt")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images drawn for each prompt or class label")
+    p.add_argument("--class-label", action="append", type=int, default=[],
+                   help="a class index, for class-conditional (stage 1) checkpoints; repeat for several")
+    p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
     cli.add_sampling_args(p)
     cli.add_device_args(p)
     return p
@@ -127,23 +133,30 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Sample as the CLI does; returns the samples.json record. Raises ValueError/FileNotFoundError/
-    MissingModelError/StateDictMismatchError with a message naming the argument at fault."""
+@dataclass
+class Parts:
+    """What sampling a weights folder needs, loaded as the CLI flags and the folder's pipeline.json say."""
+
+    model: PixArt
+    used_ema: bool
+    info: PipelineInfo
+    vae: object
+    vae_id: str
+    text_encoder: object | None
+    encoder_id: str | None
+    height: int
+    width: int
+    steps: int
+
+
+def load_parts(args: argparse.Namespace) -> Parts:
+    """Load the model, VAE and T5 for `args` (add_weights_args, cli.add_sampling_args, cli.add_device_args),
+    checking the sampling arguments first. Errors name the argument at fault."""
     dtype = getattr(torch, args.dtype)
-    prompts = list(args.prompt) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     model, used_ema = load_weights(args.checkpoint, args.ema, args.device, dtype)
     cfg = model.config
     if args.negative_prompt is not None and not cfg.text_conditioned:
         raise ValueError("negative-prompt: a class-conditional checkpoint takes no prompts")
-    if args.images_per_prompt < 1:
-        raise ValueError(f"images-per-prompt: must be >= 1, got {args.images_per_prompt}")
-    if cfg.text_conditioned and (not prompts or args.class_label):
-        raise ValueError("prompt: this is a text-to-image checkpoint; give --prompt or --prompt-file "
-                         "(and no --class-label)")
-    if not cfg.text_conditioned and (not args.class_label or prompts):
-        raise ValueError(f"class-label: this is a class-conditional checkpoint ({cfg.num_classes} classes); "
-                         "give --class-label (and no --prompt)")
     if not args.cfg_scale >= 0:  # also NaN
         raise ValueError(f"--cfg-scale: must be >= 0 (1 = no guidance), got {args.cfg_scale}")
     steps = check_sampler_args(args.sampler, args.steps, args.cfg_scale)
@@ -173,6 +186,25 @@ def run(args: argparse.Namespace) -> dict:
         text_encoder = load_text_encoder(encoder_id, setting="--text-encoder", max_length=cfg.caption_length,
                                          dtype=dtype)
         text_encoder.model.to(args.device)
+    return Parts(model, used_ema, info, vae, vae_id, text_encoder, encoder_id, height, width, steps)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Sample as the CLI does; returns the samples.json record. Raises ValueError/FileNotFoundError/
+    MissingModelError/StateDictMismatchError with a message naming the argument at fault."""
+    prompts = list(args.prompt) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if args.images_per_prompt < 1:
+        raise ValueError(f"images-per-prompt: must be >= 1, got {args.images_per_prompt}")
+    parts = load_parts(args)
+    model, cfg, info = parts.model, parts.model.config, parts.info
+    if cfg.text_conditioned and (not prompts or args.class_label):
+        raise ValueError("prompt: this is a text-to-image checkpoint; give --prompt or --prompt-file "
+                         "(and no --class-label)")
+    if not cfg.text_conditioned and (not args.class_label or prompts):
+        raise ValueError(f"class-label: this is a class-conditional checkpoint ({cfg.num_classes} classes); "
+                         "give --class-label (and no --prompt)")
+    vae, text_encoder, height, width, steps = parts.vae, parts.text_encoder, parts.height, parts.width, parts.steps
+    vae_id, encoder_id, used_ema = parts.vae_id, parts.encoder_id, parts.used_ema
 
     images = generate_images(
         model, vae, text_encoder, prompts=prompts or None, class_labels=args.class_label or None,
