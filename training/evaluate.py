@@ -267,3 +267,48 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+class HeldOutEvaluation:
+    """The trainer's periodic evaluation (config `evaluation`, rank 0): FID and CLIP score of the current weights on
+    a small held-out prompt file and reference folder. Everything is loaded once, at the start of the run (a missing
+    model stops it before training): the reference features, CLIP, the VAE, and the prompts' T5 features (the
+    encoder is freed afterwards)."""
+
+    def __init__(self, config, model_config, device: torch.device, dtype: torch.dtype):
+        from common.pretrained import load_text_encoder, load_vae
+        from training.model import PixArt
+        from training.sample import read_prompt_file
+
+        section, pre = config.evaluation, config.pretrained
+        self.config, self.section = config, section
+        self.prompts = [p for p in read_prompt_file(section.prompt_file) for _ in range(section.images_per_prompt)]
+        self.metrics = build_metrics(read_reference(section.reference), section.fid_features,
+                                     section.inception_weights, section.clip_model, section.fid_size,
+                                     progress=False)
+        self.vae = load_vae(pre.vae, setting="pretrained.vae", subfolder=pre.vae_subfolder,
+                            model_class=pre.vae_class).to(device)
+        encoder = load_text_encoder(pre.text_encoder, setting="pretrained.text_encoder",
+                                    max_length=model_config.caption_length, dtype=dtype)
+        encoder.model.to(device)
+        unique = list(dict.fromkeys(self.prompts))
+        self.encoded = (unique, *encoder.encode(unique), model_config.caption_length)
+        del encoder
+        with torch.random.fork_rng(devices=[]):
+            self.model = PixArt(model_config).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, weights: dict[str, torch.Tensor]) -> dict:
+        from training.sampling import generate_images
+        from training.trainer import FixedPrompts
+
+        s = self.section
+        self.model.load_state_dict(weights, strict=True)
+        generator = torch.Generator("cpu").manual_seed(s.seed)  # the same noise at every evaluation
+        images = sample_prompts(lambda chunk: generate_images(
+            self.model, self.vae, FixedPrompts(*self.encoded), chunk, sampler=s.sampler, steps=s.steps,
+            guidance_scale=s.guidance_scale, generator=generator, scaling_factor=self.config.pretrained.scaling_factor,
+            prediction_type=self.config.diffusion.prediction_type), self.prompts, 8, progress=False)
+        result = score(self.metrics, images, self.prompts)
+        result.pop("clip_per_image", None)
+        return result

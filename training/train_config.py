@@ -201,6 +201,30 @@ class SamplingSection(StrictModel):
     use_ema: bool = True
 
 
+class EvaluationSection(StrictModel):
+    """FID and CLIP score every `every` steps on a small held-out set (training/evaluate.py), logged as eval/*."""
+
+    every: int = Field(0, ge=0)  # 0: never
+    prompt_file: str | None = None  # held-out prompts, one per line
+    reference: str | None = None  # folder of held-out reference images for FID
+    images_per_prompt: int = Field(1, ge=1)
+    clip_model: str | None = "openai/clip-vit-large-patch14"  # hub id or folder; null: no CLIP score
+    fid_features: str = "inception"  # or module:callable returning a torch feature extractor
+    inception_weights: str | None = None  # local FID Inception weights; default: torch-fidelity's download
+    fid_size: int = Field(299, ge=8)
+    sampler: str = "dpm++"
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.5, ge=0)
+    seed: int = 0
+    use_ema: bool = True
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "EvaluationSection":
+        if self.every and not (self.prompt_file and self.reference):
+            raise ValueError("evaluation.every needs evaluation.prompt_file and evaluation.reference")
+        return self
+
+
 class TrainConfig(StrictModel):
     """One training sub-stage."""
 
@@ -217,6 +241,7 @@ class TrainConfig(StrictModel):
     run: RunSection
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

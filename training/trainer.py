@@ -42,6 +42,7 @@ from common.config import ConfigError, dump_config
 from training.data import BatchPlan, DataError, draw_latents, make_loader
 from training.diffusion import GaussianDiffusion
 from training.ema import EMA
+from training.evaluate import HeldOutEvaluation
 from training.lora import ADAPTER_DIR, EMA_ADAPTER_DIR, add_lora, save_adapter, split_state
 from training.model import WEIGHTS_NAME, PixArt
 from training.init_sources import init_model
@@ -209,6 +210,8 @@ class Trainer:
         # Loaded before anything else so that a VAE or T5 that cannot be found stops the run at once.
         self._grids = (SampleGrids(config, self.model_config, dist.device, self.dtype)
                        if self.is_main and config.sampling.every else None)
+        self._evaluation = (HeldOutEvaluation(config, self.model_config, dist.device, self.dtype)
+                            if self.is_main and config.evaluation.every else None)
 
         # Identical initial weights on every rank: the same seed, then the same previous-stage weights.
         torch.manual_seed(config.run.seed)
@@ -403,6 +406,9 @@ class Trainer:
                 if self.config.sampling.every and (step % self.config.sampling.every == 0 or last):
                     with self._rng_untouched():
                         self.sample_grid()
+                if self.config.evaluation.every and (step % self.config.evaluation.every == 0 or last):
+                    with self._rng_untouched():
+                        self.evaluate()
         finally:
             bar.close()
             if self._writer is not None:
@@ -576,17 +582,38 @@ class Trainer:
 
     # --- sample grids ----------------------------------------------------------------------------------------------
 
+    def _weights_for(self, use_ema: bool) -> dict[str, torch.Tensor]:
+        """Rank 0: the current full weights (EMA or model; merged LoRA) in PixArt's own layout."""
+        if use_ema and self.ema is not None:
+            weights = self.ema.full_state_dict(self.engine.module)
+        else:
+            weights = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        return split_state(weights, self.config.lora)[0] if self.config.lora.enabled else weights
+
+    def evaluate(self) -> dict | None:
+        """Rank 0: FID and CLIP score on the held-out set (config `evaluation`), logged and kept in eval.jsonl."""
+        if self._evaluation is None:
+            return None
+        result = {"step": self.state.step, **self._evaluation(self._weights_for(self.config.evaluation.use_ema))}
+        with open(self.out / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out / "tensorboard"))
+        for name in ("fid", "clip_score"):
+            if name in result:
+                self._writer.add_scalar(f"eval/{name}", result[name], self.state.step)
+        self._writer.flush()
+        log.info("evaluation at step %d: %s", self.state.step,
+                 ", ".join(f"{k} {result[k]:.3f}" for k in ("fid", "clip_score") if k in result))
+        return result
+
     def sample_grid(self) -> Path | None:
         """Rank 0: a PNG grid from the fixed prompts (or class labels) with the current EMA (or model) weights."""
         if self._grids is None:
             return None
-        cfg = self.config.sampling
-        if cfg.use_ema and self.ema is not None:
-            weights = self.ema.full_state_dict(self.engine.module)
-        else:
-            weights = {k: v.float() for k, v in self.engine.module.state_dict().items()}
-        if self.config.lora.enabled:
-            weights = split_state(weights, self.config.lora)[0]  # merged: the grids' model has no LoRA layers
+        weights = self._weights_for(self.config.sampling.use_ema)
         path = self._grids(weights, self.out / "samples" / f"step_{self.state.step:08d}.png")
         log.info("sample grid %s", path)
         return path
