@@ -108,3 +108,12 @@ def test_mismatched_configs_are_refused_naming_the_setting(tmp_path, tiny_t5_dir
         source_kind(str(tmp_path / "missing.pth"))
     with pytest.raises(TransitionError, match="use_ema"):
         init_model(PixArt(PRESETS["tiny"]), InitSection(weights=str(tmp_path / "d"), use_ema=True), pre)
+
+
+def test_the_shipped_finetune_config_validates():
+    from pathlib import Path
+
+    from training.train_config import load_train_config
+
+    config = load_train_config(Path(__file__).resolve().parents[1] / "configs/train/finetune_512.yaml")
+    assert config.lora.enabled and source_kind(config.init.weights) == "diffusers"

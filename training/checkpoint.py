@@ -1,7 +1,8 @@
 """Weights interop: official PixArt-alpha `.pth` checkpoints, and diffusers' `PixArtTransformer2DModel` both ways.
 
 Our parameter names are the official ones, so an official state dict needs only its wrapper unpacked and its
-`pos_embed` buffer dropped (we recompute the position embedding for every input size). Diffusers names and splits
+`pos_embed` buffer compared with the one the config computes, then dropped (we recompute the position embedding
+for every input size). Diffusers names and splits
 things differently (separate q/k/v projections, `adaln_single`, `caption_projection`, ...); the table in
 `_renames` is the whole mapping, and the fused projections are split/concatenated along the output dimension.
 
@@ -9,7 +10,6 @@ things differently (separate q/k/v projections, `adaln_single`, `caption_project
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Mapping
@@ -295,13 +295,18 @@ def from_diffusers(transformer, caption_length: int = 120, null_caption: torch.T
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert an official PixArt-alpha .pth into a PixArt weights folder.")
+    from training import cli
+
+    parser = cli.parser("training.checkpoint", __doc__)
     parser.add_argument("--official", required=True, help="official checkpoint (.pth), e.g. PixArt-XL-2-512x512.pth")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the architecture it was trained as")
     parser.add_argument("--ema", action="store_true", help="take 'state_dict_ema' from a training checkpoint")
     parser.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
     args = parser.parse_args(argv)
-    model = load_official_checkpoint(args.official, args.preset, ema=args.ema)
+    try:
+        model = load_official_checkpoint(args.official, args.preset, ema=args.ema)
+    except (ValueError, FileNotFoundError) as err:  # StateDictMismatchError too: wrong keys, pos_embed, preset
+        parser.error(str(err))
     model.save_pretrained(args.out)
     print(json.dumps({"out": args.out, "preset": args.preset, "parameters": model.num_parameters()}))
 
