@@ -8,6 +8,8 @@ OUT ?= outputs
 CONFIG ?=
 NUM_GPUS ?= 1
 HOSTFILE ?=
+SET ?=
+DRY_RUN ?=
 
 .PHONY: help setup test test-fast demo demo-quick demo-ablation bench density-report \
         curate recaption train-stage1 train-stage2 train-stage3 clean
@@ -20,7 +22,7 @@ help:
 	@echo "make bench           benchmarks (ratios measured side by side); see BENCHMARKS.md"
 	@echo "make curate CONFIG=configs/curation/...yaml"
 	@echo "make recaption CONFIG=configs/recaption/...yaml"
-	@echo "make train-stage1|train-stage2|train-stage3 CONFIG=... NUM_GPUS=... [HOSTFILE=...]"
+	@echo "make train-stage1|train-stage2|train-stage3 CONFIG=... NUM_GPUS=... [HOSTFILE=...] [SET=\"a.b=c ...\"] [DRY_RUN=1]"
 	@echo "make density-report CONFIG=configs/density/...yaml"
 
 # torch first, pinned to the CPU wheel present on the machine; then the project, whose ranges 2.13.0 satisfies.
@@ -62,7 +64,8 @@ density-report: $(STAMP)
 
 train-stage1 train-stage2 train-stage3: $(STAMP)
 	$(PY) -m training.launch --stage $(subst train-stage,,$@) --config $(CONFIG) \
-	    --num-gpus $(NUM_GPUS) $(if $(HOSTFILE),--hostfile $(HOSTFILE))
+	    --num-gpus $(NUM_GPUS) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) $(foreach s,$(SET),--set $(s)) \
+	    $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -130,18 +130,22 @@ def ray_job(captions: list[str], tokenizer: str, batch_size: int) -> tuple[float
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.density import compute_stats
+    from pipelines.density import DensityConfig, compute_stats, stats_stage
+    from pipelines.job import fit_stages
     from pipelines.ray_cluster import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "captions.parquet"
         pq.write_table(pa.table({"caption_llava": captions}), path, row_group_size=batch_size * 2)
         ray = init_ray()
-        actors = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+        config = DensityConfig(sources=[{"name": "llava", "manifest": tmp, "column": "caption_llava"}],
+                               output_dir=tmp, ray={"batch_size": batch_size})
+        resources = fit_stages([stats_stage(config)], ray.cluster_resources(), task_cpus=1.0)["ray"]
+        actors = resources["compute"].max_size
         options = {"tagger": "pattern", "tokenizer": tokenizer}
-        compute_stats({"warmup": ([str(path)], "caption_llava")}, options, batch_size, actors)  # actor start-up
+        compute_stats({"warmup": ([str(path)], "caption_llava")}, options, resources)  # actor start-up
         start = time.perf_counter()
-        stats = compute_stats({"llava": ([str(path)], "caption_llava")}, options, batch_size, actors)
+        stats = compute_stats({"llava": ([str(path)], "caption_llava")}, options, resources)
         elapsed = time.perf_counter() - start
         ray.shutdown()
     assert stats["llava"].seen == len(captions)

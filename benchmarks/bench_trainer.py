@@ -72,16 +72,16 @@ def cpu_benchmark(args) -> None:
               f"{args.depth}), batch {args.batch_size}, {args.workers} loader workers, {torch.get_num_threads()} "
               f"torch thread(s), ZeRO-2 fp32, 1 process")
 
-        loader = iter(trainer._loader())
+        loader = trainer.loader
         for _ in range(args.warmup):
-            trainer.train_step(trainer._next_batch(loader))
-        cached = [trainer._next_batch(loader) for _ in range(4)]
+            trainer.train_step(loader.next_batch())
+        cached = [loader.next_batch() for _ in range(4)]
         # The two modes alternate step by step, so that load from other jobs on a shared machine hits both alike.
         times = {"loop": 0.0, "wait": 0.0, "memory": 0.0}
         images = {"loop": 0, "memory": 0}
         for i in range(args.steps):
             start = time.perf_counter()
-            batch = trainer._next_batch(loader)
+            batch = loader.next_batch()
             got = time.perf_counter()
             images["loop"] += trainer.train_step(batch)["images"]
             done = time.perf_counter()
@@ -92,9 +92,9 @@ def cpu_benchmark(args) -> None:
         in_loop, in_memory = images["loop"] / times["loop"], images["memory"] / times["memory"]
 
         start = time.perf_counter()
-        n = sum(len(trainer._next_batch(loader)["keys"]) for _ in range(2 * args.steps))
+        n = sum(len(loader.next_batch()["keys"]) for _ in range(2 * args.steps))
         loader_alone = n / (time.perf_counter() - start)
-        del loader
+        trainer.close()
 
     print(f"\n{'mode (' + str(args.steps) + ' steps each, alternating)':38s} {'images/s per process':>22s}")
     print(f"{'(a) loader in the loop':38s} {in_loop:22.2f}")
@@ -147,8 +147,7 @@ def gpu_benchmark(args) -> None:
                     rows.append((resolution, checkpointing, B, images_per_s, mfu, peak))
                 except torch.cuda.OutOfMemoryError:
                     rows.append((resolution, checkpointing, B, None, None, None))
-                if hasattr(trainer.engine, "destroy"):
-                    trainer.engine.destroy()
+                trainer.close()
                 del trainer
                 gc.collect()
 

@@ -86,3 +86,16 @@ def sweep_temp(folder: str | Path, stem: str = "") -> list[Path]:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def publish_replacing(tmp: str | Path, final: str | Path) -> None:
+    """`publish` a finished folder over an existing one: the old folder is first moved aside under a temp name
+    (which `sweep_temp` removes if a crash interrupts), and deleted once the new one is in place."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = temp_name(final)
+        os.replace(final, old)
+    publish(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Duplicates across the whole dataset: repeated source ids, and perceptual near-duplicates (pHash + Hamming).
 
 Decisions are deterministic so that a resumed job makes exactly the same ones: of samples sharing a key, the first
-in (unit, ordinal) order is kept; of perceptual near-duplicates, samples are visited in key order and each is
-rejected when a kept sample lies within `max_distance` bits (greedy leader clustering, so the smallest key of a
-group survives). The Hamming search uses multi-index hashing, not all pairs.
+in (unit, ordinal) order is kept; of perceptual near-duplicates, samples are visited best first (most pixels, then
+a still picture before an animated one, then the key) and each is rejected when a kept sample lies within
+`max_distance` bits (greedy leader clustering, so the best sample of a group survives: the 1500x1000 original, not
+its 600x400 GIF copy). The Hamming search uses multi-index hashing, not all pairs.
 """
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ class Candidate:
     key: str
     source_id: str
     phash: int | None
+    pixels: int = 0  # height x width of the original
+    animated: bool = False
+
+    def rank(self) -> tuple:
+        """Best first: most pixels, then still over animated, then the key."""
+        return -self.pixels, self.animated, self.key
 
 
 def find_duplicates(samples: Sequence[Candidate], max_distance: int | None, bits: int = 64) -> dict[int, Rejection]:
@@ -86,13 +93,13 @@ def find_duplicates(samples: Sequence[Candidate], max_distance: int | None, bits
     if max_distance is None:
         return rejected
     index_ = HammingIndex(bits, max_distance)
-    for index in sorted(first.values(), key=lambda i: samples[i].key):
+    for index in sorted(first.values(), key=lambda i: samples[i].rank()):
         code = samples[index].phash
         if code is None:
             continue
         matches = index_.query(code)
         if matches:
-            kept, distance = min(matches, key=lambda m: (m[1], samples[m[0]].key))
+            kept, distance = min(matches, key=lambda m: (m[1], samples[m[0]].rank()))
             rejected[index] = Rejection("near_duplicate", f"pHash within {distance} bits of {samples[kept].key} "
                                         f"(max_distance {max_distance})")
         else:

@@ -118,6 +118,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def empty_panel(ax, message: str) -> None:
+    """A panel with nothing to plot says so, instead of showing an empty -0.06..0.06 frame."""
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", fontsize=10, color="0.35")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def _hist_arrays(histogram: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     values = np.array([int(k) for k in histogram], dtype=np.int64)
     weights = np.array(list(histogram.values()), dtype=np.int64)
@@ -144,6 +151,9 @@ def _length_plot(sources: list[dict], key: str, xlabel: str, limit: int | None =
         ax.text(limit, ax.get_ylim()[1] * 0.95, f" truncated past {limit}", va="top", fontsize=8)
     ax.set_xlabel(xlabel + " (last bin holds everything longer)")
     ax.set_ylabel("share of captions")
+    if not any(s[key].get("count") for s in sources):
+        empty_panel(ax, "no captions to measure")
+        return _png(fig)
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -153,6 +163,10 @@ def _rank_plot(sources: list[dict], threshold: int) -> bytes:
 
     fig = _figure(7, 4)
     ax = fig.add_subplot()
+    if not any(s["rank_frequency"] for s in sources):
+        ax.set_title("Long tail of noun frequencies")
+        empty_panel(ax, "no nouns found")
+        return _png(fig)
     for s in sources:
         if s["rank_frequency"]:
             ranks, counts = zip(*s["rank_frequency"])
@@ -182,6 +196,9 @@ def _top_plot(sources: list[dict]) -> bytes:
             nouns, counts = zip(*top)
             ax.barh(range(len(nouns)), counts, color=f"C{i}")
             ax.set_yticks(range(len(nouns)), nouns, fontsize=8)
+            ax.set_xlim(0, max(counts) * 1.1)
+        else:
+            empty_panel(ax, "no nouns found")
         ax.set_title(s["name"], fontsize=10)
         ax.set_xlabel("occurrences")
     return _png(fig)
@@ -195,7 +212,7 @@ def _table1_plot(sources: list[dict]) -> bytes:
         values = [s["table1"][key] or 0.0 for s in sources]
         bars = ax.bar(range(len(names)), values, color=[f"C{j}" for j in range(len(names))])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        ax.margins(y=0.15)
+        ax.set_ylim(0, max(values + [0.0]) * 1.2 or 1.0)  # all zero: a 0..1 axis, not -0.06..0.06
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.set_title(label, fontsize=10)
     return _png(fig)

@@ -15,9 +15,11 @@ from pydantic import Field
 
 from curation.aesthetic import AestheticConfig
 from curation.dedup import phash_int
-from curation.images import ImageError, ImageInfo, decode, probe
+from curation.failures import mark_failed, sample_rejection
+from curation.buckets import BucketConfig, Bucketed, Bucketer, pixels_to_bytes
+from curation.images import ImageError, ImageInfo, is_animated, probe
 from curation.sources.base import RawSample, Rejection, Source, WorkUnit
-from curation.writer import SCREEN_SCHEMA, DatasetLayout, write_parquet
+from curation.writer import SCREEN_SCHEMA, DatasetLayout
 from common.config import StrictModel
 
 
@@ -56,56 +58,111 @@ class Screened:
     rejection: Rejection | None
     info: ImageInfo | None = None
     phash: int | None = None
+    animated: bool = False
+    bucketed: Bucketed | None = None  # the bucket crop, when pass 1 keeps it for pass 2
 
 
 def screen(sample: RawSample, min_side: int, max_aspect_ratio: float | None, max_pixels: int | None,
-           hash_size: int | None) -> Screened:
+           hash_size: int | None, bucketer: Bucketer | None = None, keep_pixels: bool = False) -> Screened:
     """Source problems, then decodability, then sizes, then pHash.
 
-    With a pHash to compute, the image is decoded at a small draft size, which also reads the whole stream and so
-    finds truncated files. Without one, only the header is read; a file whose pixels turn out to be broken is then
+    With a pHash to compute or pixels to keep, the picture is decoded once, as pass 2 would (`bucketer`: the draft
+    decode that covers the bucket), which also reads the whole stream and so finds truncated files; the pHash is
+    taken from that decode. Otherwise only the header is read, and a file whose pixels turn out to be broken is
     rejected by the second pass instead.
     """
     if sample.reject is not None:
         return Screened(sample.reject)
     try:
-        if hash_size:
-            # Aim the draft at twice the hash thumbnail: enough detail for a stable pHash, 1/8 scale for big JPEGs.
-            side = 8 * hash_size
-            image, info = decode(sample.data or b"", min_size_hw=(side, side), max_pixels=max_pixels)
+        bucketer = bucketer or Bucketer(BucketConfig(), max_pixels)
+        return _screen(sample, min_side, max_aspect_ratio, max_pixels, hash_size, bucketer, keep_pixels)
+    except Exception as err:  # noqa: BLE001 - one sample never stops the job
+        return Screened(sample_rejection("screen", sample.key, err))
+
+
+def _screen(sample: RawSample, min_side: int, max_aspect_ratio: float | None, max_pixels: int | None,
+            hash_size: int | None, bucketer: Bucketer, keep_pixels: bool) -> Screened:
+    data = sample.data or b""
+    bucketed = None
+    try:
+        if hash_size or keep_pixels:
+            bucketed = bucketer(data)
+            info = bucketed.info
         else:
-            image, info = None, probe(sample.data or b"", max_pixels)
+            info = probe(data, max_pixels)
     except ImageError as err:
         return Screened(Rejection("decode", str(err)))
     rejection = size_rejection(info, min_side, max_aspect_ratio)
     if rejection is not None:
         return Screened(rejection, info)
-    return Screened(None, info, phash_int(image, hash_size) if hash_size else None)
+    if not hash_size:
+        return Screened(None, info, bucketed=bucketed if keep_pixels else None)
+    return Screened(None, info, phash_int(bucketed.decoded, hash_size), is_animated(data, info),
+                    bucketed if keep_pixels else None)
 
 
 class ScreenStage:
-    """Pass 1 over one unit: screen every record and write the unit's screen part. Unit row in, summary row out."""
+    """Pass 1 over one unit: screen every record and write the unit's screen part. Unit row in, summary row out.
 
-    def __init__(self, source: Source, root: str | Path, filters: FilterConfig, min_side: int):
+    With `buckets.keep_pixels`, each picture that passes is decoded once, here, and its bucket crop is kept in the
+    screen part (written a row group at a time, so a unit never sits in memory) for pass 2 to reuse.
+    """
+
+    ROW_GROUP = 32
+
+    def __init__(self, source: Source, root: str | Path, filters: FilterConfig, min_side: int,
+                 buckets: BucketConfig | None = None, caption_image_size: int | None = None):
         self.source = source
         self.layout = DatasetLayout(root)
         self.filters = filters
         self.min_side = min_side
+        buckets = buckets or BucketConfig()
+        self.keep_pixels = buckets.keep_pixels
+        self.bucketer = Bucketer(buckets, filters.max_pixels, caption_image_size)
+        self.schema = SCREEN_SCHEMA
+        if self.keep_pixels:
+            self.schema = SCREEN_SCHEMA.append(pa.field("pixels", pa.binary())).append(
+                pa.field("caption_pixels", pa.binary()))
 
     def __call__(self, unit_row: dict) -> dict:
+        """Unit row in, {unit, seen, passed, failed} out; `failed` is the reason when the unit could not be read."""
+        import pyarrow.parquet as pq
+
+        from common.durable import publish, temp_name
+
         unit = WorkUnit.from_row(unit_row)
         near = self.filters.near_duplicates
-        records = []
-        for sample in self.source.iter_unit(unit):
-            result = screen(sample, self.min_side, self.filters.max_aspect_ratio, self.filters.max_pixels,
-                            near.hash_size if near else None)
-            records.append({
-                "unit": unit.id, "ordinal": sample.ordinal, "key": sample.key, "source": sample.source,
-                "source_id": sample.source_id, "stage": result.rejection.stage if result.rejection else "",
-                "reason": result.rejection.reason if result.rejection else "", "phash": result.phash,
-                "orig_h": result.info.height if result.info else None,
-                "orig_w": result.info.width if result.info else None,
-            })
-        write_parquet(self.layout.screen_part(unit.id), pa.Table.from_pylist(records, schema=SCREEN_SCHEMA))
-        passed = sum(1 for r in records if not r["stage"])
-        return {"unit": unit.id, "seen": len(records), "passed": passed}
+        target = self.layout.screen_part(unit.id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(target)
+        seen = passed = 0
+        try:
+            with pq.ParquetWriter(tmp, self.schema) as writer:
+                records = []
+                for sample in self.source.iter_unit(unit):
+                    result = screen(sample, self.min_side, self.filters.max_aspect_ratio, self.filters.max_pixels,
+                                    near.hash_size if near else None, self.bucketer, self.keep_pixels)
+                    record = {
+                        "unit": unit.id, "ordinal": sample.ordinal, "key": sample.key, "source": sample.source,
+                        "source_id": sample.source_id, "stage": result.rejection.stage if result.rejection else "",
+                        "reason": result.rejection.reason if result.rejection else "", "phash": result.phash,
+                        "orig_h": result.info.height if result.info else None,
+                        "orig_w": result.info.width if result.info else None, "animated": result.animated,
+                    }
+                    if self.keep_pixels:
+                        kept = result.bucketed
+                        record["pixels"] = pixels_to_bytes(kept.pixels) if kept else None
+                        record["caption_pixels"] = pixels_to_bytes(kept.caption_pixels) if kept else None
+                    records.append(record)
+                    seen += 1
+                    passed += not record["stage"]
+                    if len(records) == self.ROW_GROUP:
+                        writer.write_table(pa.Table.from_pylist(records, schema=self.schema))
+                        records = []
+                writer.write_table(pa.Table.from_pylist(records, schema=self.schema))
+            publish(tmp, target)
+        except Exception as err:  # noqa: BLE001 - the unit fails, the job goes on with the others
+            tmp.unlink(missing_ok=True)
+            failure = mark_failed(self.layout, unit.id, "screen", err)
+            return {"unit": unit.id, "seen": seen, "passed": 0, "failed": failure["reason"]}
+        return {"unit": unit.id, "seen": seen, "passed": passed, "failed": ""}

@@ -63,6 +63,16 @@ def open_image(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image,
                             orientation=orientation)
 
 
+def is_animated(data: bytes, info: ImageInfo) -> bool:
+    """More than one frame (GIF, APNG, animated WebP); read from the header, no pixels decoded. JPEGs never are."""
+    if info.format == "JPEG":
+        return False
+    try:
+        return bool(getattr(Image.open(io.BytesIO(data)), "is_animated", False))
+    except Exception:  # noqa: BLE001 - a frame table that cannot be read: treat as a still picture
+        return False
+
+
 def probe(data: bytes, max_pixels: int | None = None) -> ImageInfo:
     """Header-only description (size after EXIF orientation, format, mode); decodes no pixels."""
     return open_image(data, max_pixels)[1]
@@ -91,6 +101,21 @@ def _oriented_to_stored(size_wh: tuple[int, int], orientation: int) -> tuple[int
     return (size_wh[1], size_wh[0]) if orientation in _TRANSPOSING_ORIENTATIONS else size_wh
 
 
+DRAFT_SCALES = (8, 4, 2, 1)
+
+
+def draft_scale(stored_wh: tuple[int, int], want_wh: tuple[int, int]) -> int:
+    """The DCT scale a JPEG draft decode of a `stored_wh` image uses when asked for at least `want_wh`: the largest
+    of 8, 4, 2, 1 that divides neither side below the request (PIL's rule), 1 when the image is smaller."""
+    ratio = min(stored_wh[0] // max(1, want_wh[0]), stored_wh[1] // max(1, want_wh[1]))
+    return next((s for s in DRAFT_SCALES if ratio >= s), 1)
+
+
+def draft_size(stored_wh: tuple[int, int], scale: int) -> tuple[int, int]:
+    """The size a JPEG decodes to at DCT `scale` (libjpeg rounds up)."""
+    return -(-stored_wh[0] // scale), -(-stored_wh[1] // scale)
+
+
 def decode(data: bytes, min_size_hw: tuple[int, int] | None = None, max_pixels: int | None = None,
            draft: bool = True) -> tuple[Image.Image, ImageInfo]:
     """Decode to an RGB picture in display orientation.
@@ -102,9 +127,9 @@ def decode(data: bytes, min_size_hw: tuple[int, int] | None = None, max_pixels: 
     image, info = open_image(data, max_pixels)
     try:
         if draft and min_size_hw is not None and info.format == "JPEG":
-            want_w, want_h = _oriented_to_stored((max(1, min_size_hw[1]), max(1, min_size_hw[0])), info.orientation)
-            if image.width >= 2 * want_w and image.height >= 2 * want_h:
-                image.draft(image.mode, (want_w, want_h))
+            want = _oriented_to_stored((max(1, min_size_hw[1]), max(1, min_size_hw[0])), info.orientation)
+            if draft_scale(image.size, want) > 1:
+                image.draft(image.mode, want)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()

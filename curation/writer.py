@@ -23,7 +23,7 @@ import hashlib
 import heapq
 import json
 import shutil
-import uuid
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.durable import atomic_write_bytes
+from common.durable import atomic_write_bytes, fsync_dir, publish, sweep_temp, temp_name
 from common.versions import library_versions
 from curation.shard_format import (CARD_FILE, FORMAT_VERSION, MANIFEST_DIR, MANIFEST_FILE, REJECTED_DIR,
-                                   REJECTED_FILE, SHARDS_DIR, ShardSample, iter_shard,
+                                   REJECTED_FILE, SHARDS_DIR, ShardFormatError, ShardSample, iter_shard,
                                    manifest_row, write_shard)
 
 WORK_DIR = "work"
@@ -43,7 +43,7 @@ WORK_DIR = "work"
 SCREEN_SCHEMA = pa.schema([("unit", pa.string()), ("ordinal", pa.int64()), ("key", pa.string()),
                            ("source", pa.string()), ("source_id", pa.string()), ("stage", pa.string()),
                            ("reason", pa.string()), ("phash", pa.uint64()), ("orig_h", pa.int64()),
-                           ("orig_w", pa.int64())])
+                           ("orig_w", pa.int64()), ("animated", pa.bool_())])
 PLAN_SCHEMA = pa.schema([("ordinal", pa.int64()), ("key", pa.string()), ("source", pa.string()),
                          ("source_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 REJECTED_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("source_id", pa.string()),
@@ -87,19 +87,40 @@ class DatasetLayout:
     def staging(self, unit: str) -> Path:
         return self.work / "staging" / unit
 
+    def failed_marker(self, unit: str) -> Path:
+        return self.work / "failed" / f"{unit}.json"
+
     def is_committed(self, unit: str) -> bool:
-        return self.manifest_part(unit).is_file()
+        from pipelines.job import is_committed
+
+        return is_committed(self.manifest_part(unit))
 
     def is_screened(self, unit: str) -> bool:
-        return self.screen_part(unit).is_file()
+        from pipelines.job import is_committed
+
+        return is_committed(self.screen_part(unit))  # the screen part is pass 1's marker, with the same rules
+
+    def drop_kept_pixels(self, unit: str) -> None:
+        """Once `unit` is committed, its screen part keeps only the verdicts (the pixels pass 1 kept are spent)."""
+        path = self.screen_part(unit)
+        if path.is_file() and "pixels" in pq.read_schema(path).names:
+            names = [n for n in pq.read_schema(path).names if n not in ("pixels", "caption_pixels")]
+            write_parquet(path, pq.read_table(path, columns=names))
+
+    def sweep(self, unit: str) -> None:
+        """Remove what a dead attempt at `unit` left: temp files of its outputs and its staged parts."""
+        for folder, name in ((self.root / SHARDS_DIR, f"{unit}.tar"), (self.root / MANIFEST_DIR, f"{unit}.parquet"),
+                             (self.root / REJECTED_DIR, f"{unit}.parquet"), (self.work / "screen", f"{unit}.parquet"),
+                             (self.work / "plan", f"{unit}.parquet")):
+            sweep_temp(folder, name)
+        shutil.rmtree(self.staging(unit), ignore_errors=True)
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
-    """Atomic parquet write: temp name in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    """Durable parquet write: temp name in the same folder, fsync, rename, fsync the folder."""
+    from pipelines.job import write_parquet as durable
+
+    durable(path, table)
 
 
 # ---- sample rows ------------------------------------------------------------------------------------------------------
@@ -191,6 +212,7 @@ def stage_part(layout: DatasetLayout, unit: str, samples: list[ShardSample], rej
         write_shard(folder / f"{name}.tar", sorted(samples, key=lambda s: s.key))
     sidecar = {"keys": sorted(s.key for s in samples), "rejected": rejected}
     atomic_write_bytes(folder / f"{name}.json", json.dumps(sidecar).encode())  # after the tar: it vouches for it
+    fsync_dir(folder.parent)  # the unit's staging folder itself, when this part created it
     return folder / f"{name}.json"
 
 
@@ -212,6 +234,8 @@ def try_commit(layout: DatasetLayout, unit: str) -> bool:
             part = json.loads(sidecar.read_text())
         except FileNotFoundError:  # another worker committed this unit and cleaned up meanwhile
             return layout.is_committed(unit)
+        except ValueError:  # a damaged part vouches for nothing: its samples count as not staged
+            continue
         for key in part["keys"]:
             staged.setdefault(key, sidecar.with_suffix(".tar"))
         for row in part["rejected"]:
@@ -232,6 +256,8 @@ def try_commit(layout: DatasetLayout, unit: str) -> bool:
         if layout.is_committed(unit):  # a concurrent assembler of the same unit finished first
             return True
         raise IncompleteUnitError(f"unit {unit}: a staged part vanished ({err.filename})") from None
+    except (tarfile.TarError, ShardFormatError, OSError, ValueError) as err:
+        raise IncompleteUnitError(f"unit {unit}: a staged part is damaged ({type(err).__name__}: {err})") from None
     return True
 
 
@@ -289,7 +315,7 @@ def _consolidate(parts: list[Path], target: Path, empty_schema: pa.Schema) -> in
     schemas = [pq.read_schema(p) for p in parts]
     schema = pa.unify_schemas([empty_schema, *schemas]) if schemas else empty_schema
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_name(target)
     rows = 0
     with pq.ParquetWriter(tmp, schema) as out:
         for part in parts:
@@ -299,7 +325,7 @@ def _consolidate(parts: list[Path], target: Path, empty_schema: pa.Schema) -> in
                     table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
             out.write_table(table.select(schema.names).cast(schema))
             rows += len(table)
-    tmp.replace(target)
+    publish(tmp, target)
     return rows
 
 
@@ -361,11 +387,20 @@ def plot_card(card: dict, path: Path) -> None:
               color=["tab:red"] * (len(outcomes) - 1) + ["tab:green"])
     left.set_title(f"{counts['seen']} samples seen")
     left.set_xlabel("samples")
-    right.bar([b for b, _ in buckets], [n for _, n in buckets], color="tab:blue")
+    left.set_xlim(0, max(outcomes.values(), default=0) * 1.15 or 1)
+    left.bar_label(left.containers[0], fontsize=8)
     right.set_title("accepted samples per bucket (H x W, wide to tall)")
-    right.tick_params(axis="x", rotation=90)
+    if buckets:
+        bars = right.bar([b for b, _ in buckets], [n for _, n in buckets], color="tab:blue")
+        right.bar_label(bars, fontsize=7)
+        right.set_ylim(0, max(n for _, n in buckets) * 1.15)
+        right.tick_params(axis="x", rotation=90)
+    else:
+        from curation.density_report import empty_panel
+
+        empty_panel(right, "no accepted samples")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=100)
+    tmp = temp_name(path)
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    publish(tmp, path)

@@ -352,14 +352,14 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
     from demo import evaluator
     from demo.scenes import dense_caption, held_out_scenes
     from training.grid import image_grid, save_png
-    from training.sample import load_weights, read_pipeline_info
     from training.sampling import generate_images
+    from training.weights import has_ema, load_model, read_pipeline_info
 
     e = config.evaluation
-    model, used_ema = load_weights(weights, ema=e.use_ema if (weights / "ema.safetensors").is_file() else False)
+    model, used_ema = load_model(weights, ema=e.use_ema and has_ema(weights))
     # The codec, T5 and prediction type the trainer recorded, read as training.sample reads them.
     info = read_pipeline_info(weights)
-    codec = load_vae(info.vae, model_class=info.vae_class)
+    codec = load_vae(info.vae, model_class=info.vae_class, subfolder=info.vae_subfolder)
     text_encoder = load_text_encoder(info.text_encoder)
     scenes = [scene for scene in held_out_scenes() for _ in range(e.samples_per_prompt)]
     prompts = [dense_caption(scene) for scene in scenes]
@@ -414,7 +414,7 @@ def ablation(config: DemoConfig, out: Path, reference: dict, dense_eval: dict) -
     sparse_root = out / "datasets" / "sa1b_sparse"
     variants = {
         "sparse": [f"data.root={sparse_root}", "data.caption=sparse", f"run.output_dir={out / 'ablation' / 'stage2_sparse'}"],
-        "scratch": ["init.weights=null", f"run.output_dir={out / 'ablation' / 'stage2_scratch'}"],
+        "scratch": ["init.weights=null", "init.transition=auto", f"run.output_dir={out / 'ablation' / 'stage2_scratch'}"],
     }
     runs = {}
     for name, extra in variants.items():

@@ -18,29 +18,25 @@ so a job killed at any point and submitted again ends with every accepted sample
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
-from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from curation.aesthetic import AestheticStage
 from curation.buckets import BucketConfig, BucketStage
 from curation.captioners.config import CaptionStageConfig
 from curation.dedup import Candidate, find_duplicates
-from curation.encoders import CaptionStage, T5Stage, VaeStage
 from curation.filters import FilterConfig, ScreenStage
-from common.pretrained import DEFAULT_T5, DEFAULT_VAE, T5_MAX_LENGTH, MissingModelError
-from common.durable import atomic_write_bytes
+from common.pretrained import DEFAULT_T5, DEFAULT_VAE, T5_MAX_LENGTH
+from curation.failures import IsolatedStage, clear_failed, read_failed
 from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE, iter_shard
 from curation.sources import SourceConfig, WorkUnit, build_source
-from curation.writer import (PLAN_SCHEMA, DatasetLayout, IncompleteUnitError, UnitWriter, commit_unit, finalize,
-                             plot_card, read_plan, remove_staging, try_commit, write_parquet)
+from curation.writer import (PLAN_SCHEMA, SCREEN_SCHEMA, DatasetLayout, IncompleteUnitError, UnitWriter, commit_unit,
+                             finalize, plot_card, read_plan, remove_staging, try_commit, write_parquet)
 from common.config import ConfigError, StrictModel, dump_config, load_config
+from pipelines.job import (IMAGE_PROCESSOR, TRANSFORMERS_MODEL, ModelNeed, Stage, StageResources, UnitsFailed,
+                           bind_output, captioner_needs, check_output_location, claimed_output, diffusers_needs,
+                           digest, fit_stages, resolve_models, run_main, t5_needs)
 
-JOB_FILE = "job.json"
 DTYPE_PATTERN = r"^(auto|float32|float16|bfloat16)$"
 
 
@@ -101,15 +97,6 @@ class CaptionConfig(CaptionStageConfig):
         return options
 
 
-class StageResources(StrictModel):
-    """How a model stage runs on the cluster."""
-
-    batch_size: int = Field(16, ge=1)
-    concurrency: int | Literal["auto"] = Field("auto", description="actors; auto: 1..number of GPUs (1 on CPU)")
-    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto: 1 when the cluster has any")
-    num_cpus: float = Field(1.0, gt=0)
-
-
 class RayConfig(StrictModel):
     """Performance knobs only: nothing here changes the output, so a resumed job may change them."""
 
@@ -120,6 +107,9 @@ class RayConfig(StrictModel):
     progress: bool = Field(True, description="Ray Data progress bars")
     check_resources: bool = Field(True, description="refuse to start when the cluster lacks the GPUs/CPUs the "
                                   "stages ask for (turn off on a cluster that autoscales from zero)")
+    max_errored_blocks: int = Field(-1, ge=-1, description="Ray Data blocks whose task may fail (a crashed "
+                                    "worker) before the job stops; their units are listed as failed and retried by "
+                                    "a rerun. -1: any number")
     aesthetic: StageResources = Field(default_factory=lambda: StageResources(batch_size=64))
     vae: StageResources = Field(default_factory=lambda: StageResources(batch_size=16))
     t5: StageResources = Field(default_factory=lambda: StageResources(batch_size=32))
@@ -135,21 +125,6 @@ class CurateConfig(StrictModel):
     t5: T5Config | None = Field(default_factory=T5Config, description="null for class-conditional data")
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    @model_validator(mode="after")
-    def _local_models_exist(self) -> "CurateConfig":
-        """Fail before any work when a model setting names a local folder that is not there (hub ids pass)."""
-        settings = {"vae.model": self.vae.model}
-        if self.t5 is not None and self.t5.captions:
-            settings["t5.model"] = self.t5.model
-        if self.filters.aesthetic is not None:
-            settings["filters.aesthetic.clip_model"] = self.filters.aesthetic.clip_model
-        for setting, value in settings.items():
-            looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1
-            if looks_local and not Path(value).expanduser().is_dir():
-                raise ValueError(f"{setting}: model folder {value!r} does not exist; set {setting} to a folder "
-                                 f"saved with save_pretrained or a hub id")
-        return self
-
     @property
     def min_side(self) -> int:
         return self.filters.min_side if self.filters.min_side is not None else self.buckets.resolution
@@ -164,34 +139,41 @@ class CurateConfig(StrictModel):
         return tree
 
 
-# ---- job bookkeeping ------------------------------------------------------------------------------------------------
-def _flatten(tree, prefix="") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
+# ---- preflight ------------------------------------------------------------------------------------------------------
+def model_needs(config: CurateConfig) -> list[ModelNeed]:
+    """Every model the job will load, with the config field that names it."""
+    v = config.vae
+    needs = [diffusers_needs("vae.model", v.model, v.model_class, v.subfolder, "VAE")]
+    if config.t5 is not None and config.t5.captions:
+        needs += t5_needs("t5.model", config.t5.model, config.t5.tokenizer_subfolder, config.t5.encoder_subfolder)
+    if config.filters.aesthetic is not None:
+        clip = config.filters.aesthetic.clip_model
+        needs += [ModelNeed("filters.aesthetic.clip_model", clip, TRANSFORMERS_MODEL, what="CLIP vision model"),
+                  ModelNeed("filters.aesthetic.clip_model", clip, IMAGE_PROCESSOR, what="CLIP image processor")]
+    if config.caption is not None:
+        needs += captioner_needs("caption", config.caption)
+    return needs
 
 
-def check_job(layout: DatasetLayout, config: CurateConfig, units: list[WorkUnit]) -> None:
-    """Bind the output folder to its config and input on the first run; refuse a rerun that differs."""
-    fingerprint = config.output_fingerprint()
-    unit_digest = hashlib.sha256(json.dumps([u.to_row() for u in units], sort_keys=True).encode()).hexdigest()
-    path = layout.root / JOB_FILE
-    if path.is_file():
-        job = json.loads(path.read_text())
-        if job["config"] != fingerprint:
-            before, after = _flatten(job["config"]), _flatten(fingerprint)
-            changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-            raise ConfigError(f"output {layout.root} was produced with a different config (changed: "
-                              f"{', '.join(changed)}); use a new output folder or restore those settings")
-        if job["units_sha256"] != unit_digest:
-            raise ConfigError(f"output {layout.root} was produced from different input (the list of work units "
-                              f"changed); use a new output folder")
-        return
-    atomic_write_bytes(path, json.dumps({"config": fingerprint, "units_sha256": unit_digest,
-                                         "units": len(units)}, indent=2).encode())
+def model_stages(config: CurateConfig) -> list[Stage]:
+    """The model stages in DAG order, by the config field that sizes them."""
+    stages = []
+    if config.filters.aesthetic is not None:
+        stages.append(Stage("ray.aesthetic", config.ray.aesthetic))
+    if config.caption is not None:
+        c = config.caption
+        stages.append(Stage("caption", StageResources(batch_size=c.batch_size, concurrency=c.concurrency,
+                                                      num_gpus=c.num_gpus, num_cpus=c.num_cpus)))
+    stages.append(Stage("ray.vae", config.ray.vae))
+    if config.t5 is not None and config.t5.captions:
+        stages.append(Stage("ray.t5", config.ray.t5))
+    return stages
+
+
+def fit_resources(config: CurateConfig, cluster: dict) -> dict[str, dict]:
+    tasks = max(config.ray.read_num_cpus, config.ray.write_num_cpus)
+    return fit_stages(model_stages(config), cluster, tasks, "ray.read_num_cpus / ray.write_num_cpus",
+                      check=config.ray.check_resources)
 
 
 def plan_units(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfig) -> dict[str, int]:
@@ -203,16 +185,21 @@ def plan_units(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = {u.id: pq.read_table(layout.screen_part(u.id)) for u in units}
+    # Only the verdict columns: the screen parts may also hold the kept pixels, which stay on disk for pass 2.
+    columns = [c for c in SCREEN_SCHEMA.names if c != "unit"]
+    tables = {u.id: pq.read_table(layout.screen_part(u.id), columns=[
+        c for c in columns if c in pq.read_schema(layout.screen_part(u.id)).names]) for u in units}
     candidates: list[Candidate] = []
     where: list[tuple[str, int]] = []
     for rank, unit in enumerate(units):
         table = tables[unit.id]
         alive = [i for i, stage in enumerate(table.column("stage").to_pylist()) if not stage]
         picked = table.take(pa.array(alive, pa.int64()))
-        for i, ordinal, key, source_id, phash in zip(alive, *(picked.column(c).to_pylist()
-                                                             for c in ("ordinal", "key", "source_id", "phash"))):
-            candidates.append(Candidate(unit.id, rank, ordinal, key, source_id, phash))
+        columns = [picked.column(c).to_pylist() if c in picked.column_names else [None] * len(alive)
+                   for c in ("ordinal", "key", "source_id", "phash", "orig_h", "orig_w", "animated")]
+        for i, ordinal, key, source_id, phash, height, width, animated in zip(alive, *columns):
+            candidates.append(Candidate(unit.id, rank, ordinal, key, source_id, phash, (height or 0) * (width or 0),
+                                        bool(animated)))
             where.append((unit.id, i))
     near = config.filters.near_duplicates
     duplicates = find_duplicates(candidates, near.max_distance if near else None,
@@ -239,19 +226,6 @@ def plan_units(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
 
 
 # ---- the Ray Data job ---------------------------------------------------------------------------------------------
-def _model_stage_args(resources: StageResources, cluster_gpus: float) -> dict:
-    from ray.data import ActorPoolStrategy
-
-    gpus = resources.num_gpus if resources.num_gpus != "auto" else (1.0 if cluster_gpus else 0.0)
-    if resources.concurrency == "auto":
-        most = max(1, int(cluster_gpus // gpus)) if gpus else 1
-        compute = ActorPoolStrategy(min_size=1, max_size=most)
-    else:
-        compute = ActorPoolStrategy(size=resources.concurrency)
-    return {"compute": compute, "num_gpus": gpus, "num_cpus": resources.num_cpus,
-            "batch_size": resources.batch_size, "batch_format": "numpy"}
-
-
 def _unit_dataset(units: list[WorkUnit]):
     import ray.data
 
@@ -259,103 +233,103 @@ def _unit_dataset(units: list[WorkUnit]):
     return ray.data.from_items([u.to_row() for u in units], override_num_blocks=max(1, len(units)))
 
 
-def run_screen(layout: DatasetLayout, source, units: list[WorkUnit], config: CurateConfig) -> None:
+def run_screen(layout: DatasetLayout, source, units: list[WorkUnit], config: CurateConfig) -> dict[str, str]:
+    """Pass 1 over the units not screened yet; returns the units that failed (unit -> reason)."""
     from tqdm import tqdm
 
     todo = [u for u in units if not layout.is_screened(u.id)]
     if not todo:
-        return
-    stage = ScreenStage(source, layout.root, config.filters, config.min_side)
+        return {}
+    for unit in todo:
+        layout.sweep(unit.id)
+        clear_failed(layout, unit.id)
+    stage = ScreenStage(source, layout.root, config.filters, config.min_side, config.buckets,
+                        config.caption.image_size if config.caption else None)
     ds = _unit_dataset(todo).map(stage, num_cpus=config.ray.read_num_cpus)
-    with tqdm(total=len(todo), desc="screen units", unit="unit", disable=not config.ray.progress) as bar:
-        for _ in ds.iter_rows():
+    failed = {}
+    pictures = 0
+    with tqdm(total=len(todo), desc="screen", unit="unit", disable=not config.ray.progress) as bar:
+        for row in ds.iter_rows():
+            pictures += int(row["seen"])
+            if row["failed"]:
+                failed[row["unit"]] = row["failed"]
+            bar.set_postfix(pictures=pictures, refresh=False)
             bar.update()
+    # A unit whose task died without a word (a crashed worker) has neither a screen part nor a failure record.
+    for unit in todo:
+        if not layout.is_screened(unit.id) and unit.id not in failed:
+            record = read_failed(layout, unit.id)
+            failed[unit.id] = record["reason"] if record else "its screen task did not finish (see the Ray logs)"
+    return failed
 
 
 def build_encode_dataset(layout: DatasetLayout, source, units: list[WorkUnit], config: CurateConfig,
-                         cluster_gpus: float):
-    """The streaming encode DAG over `units`; its rows are the writer's per-unit summaries."""
+                         resources: dict[str, dict]):
+    """The streaming encode DAG over `units`; its rows are the writer's per-unit summaries. Each model stage is
+    an IsolatedStage: a sample that breaks a batch is rejected with the stage's name, the others go on."""
+    from curation.aesthetic import AestheticStage  # torch: imported once the preflight has passed
+    from curation.encoders import CaptionStage, T5Stage, VaeStage
+
     ds = _unit_dataset(units).flat_map(
         BucketStage(source, layout.root, config.buckets, config.filters.max_pixels,
                     config.caption.image_size if config.caption else None),
         num_cpus=config.ray.read_num_cpus)
-    aesthetic = config.filters.aesthetic
-    if aesthetic is not None:
-        ds = ds.map_batches(AestheticStage, fn_constructor_kwargs={"config": aesthetic},
-                            **_model_stage_args(config.ray.aesthetic, cluster_gpus))
+
+    def model_stage(ds, field: str, name: str, stage_cls, **kwargs):
+        return ds.map_batches(IsolatedStage, fn_constructor_kwargs={"stage_cls": stage_cls, "stage_name": name,
+                                                                    **kwargs},
+                              batch_format="numpy", **resources[field])
+
+    if config.filters.aesthetic is not None:
+        ds = model_stage(ds, "ray.aesthetic", "aesthetic", AestheticStage, config=config.filters.aesthetic)
     if config.caption is not None:
-        c = config.caption
-        resources = StageResources(batch_size=c.batch_size, concurrency=c.concurrency, num_gpus=c.num_gpus,
-                                   num_cpus=c.num_cpus)
-        ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={"config": c, "source_caption": c.source_caption},
-                            **_model_stage_args(resources, cluster_gpus))
+        ds = model_stage(ds, "caption", "caption", CaptionStage, config=config.caption,
+                         source_caption=config.caption.source_caption)
     v = config.vae
-    ds = ds.map_batches(VaeStage, fn_constructor_kwargs={"model": v.model, "model_class": v.model_class,
-                                                         "subfolder": v.subfolder, "dtype": v.dtype},
-                        **_model_stage_args(config.ray.vae, cluster_gpus))
+    ds = model_stage(ds, "ray.vae", "vae", VaeStage, model=v.model, model_class=v.model_class,
+                     subfolder=v.subfolder, dtype=v.dtype)
     t5 = config.t5
     if t5 is not None and t5.captions:
-        ds = ds.map_batches(T5Stage, fn_constructor_kwargs={
-            "model": t5.model, "captions": t5.captions, "max_length": t5.max_length, "dtype": t5.dtype,
-            "tokenizer_subfolder": t5.tokenizer_subfolder, "encoder_subfolder": t5.encoder_subfolder},
-            **_model_stage_args(config.ray.t5, cluster_gpus))
+        ds = model_stage(ds, "ray.t5", "t5", T5Stage, model=t5.model, captions=t5.captions,
+                         max_length=t5.max_length, dtype=t5.dtype, tokenizer_subfolder=t5.tokenizer_subfolder,
+                         encoder_subfolder=t5.encoder_subfolder)
     return ds.map_batches(UnitWriter(layout.root), batch_size=None, batch_format="numpy",
                           num_cpus=config.ray.write_num_cpus)
 
 
-def check_resources(config: CurateConfig, cluster: dict) -> None:
-    """Actors asking for more than the cluster has would wait forever: say which setting to change instead."""
-    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
-    stages = {"caption": config.caption} if config.caption else {}
-    if config.filters.aesthetic is not None:
-        stages["ray.aesthetic"] = config.ray.aesthetic
-    stages["ray.vae"] = config.ray.vae
-    if config.t5 is not None and config.t5.captions:
-        stages["ray.t5"] = config.ray.t5
-    for name, stage in stages.items():
-        wanted = 0 if stage.num_gpus == "auto" else stage.num_gpus
-        if wanted > gpus:
-            raise ConfigError(f"{name}.num_gpus is {wanted} but the Ray cluster has {gpus} GPUs; set "
-                              f"{name}.num_gpus: 0 to run that stage on CPU")
-    # Each model stage keeps at least one actor; the reading and writing tasks need room beside them.
-    actors = sum(s.num_cpus * (s.concurrency if isinstance(s.concurrency, int) else 1) for s in stages.values())
-    tasks = max(config.ray.read_num_cpus, config.ray.write_num_cpus)
-    if actors + tasks > cpus:
-        raise ConfigError(f"the model stages' actors need {actors:g} CPUs and the read/write tasks {tasks:g}, but "
-                          f"the Ray cluster has {cpus:g}; lower {', '.join(f'{n}.num_cpus' for n in stages)} "
-                          f"(fractions such as 0.25 are fine) or ray.read_num_cpus / ray.write_num_cpus")
-
-
-def run_encode(layout: DatasetLayout, source, units: list[WorkUnit], config: CurateConfig) -> None:
-    import ray
+def run_encode(layout: DatasetLayout, source, units: list[WorkUnit], todo: dict[str, int], config: CurateConfig,
+               resources: dict[str, dict]) -> dict[str, str]:
+    """Pass 2 over `units`; returns the units that could not be committed (unit -> reason)."""
     from tqdm import tqdm
 
     if not units:
-        return
-    cluster = ray.cluster_resources()
-    if config.ray.check_resources:
-        check_resources(config, cluster)
-    ds = build_encode_dataset(layout, source, units, config, cluster.get("GPU", 0))
+        return {}
+    for unit in units:
+        clear_failed(layout, unit.id)
+    ds = build_encode_dataset(layout, source, units, config, resources)
     pending = {u.id for u in units}
-    with tqdm(total=len(units), desc="commit units", unit="unit", disable=not config.ray.progress) as bar:
+    with tqdm(total=sum(todo[u.id] for u in units), desc="encode", unit="picture",
+              disable=not config.ray.progress) as bar:
         for row in ds.iter_rows():
+            bar.update(int(row["staged"]))
             if row["committed"] and row["unit"] in pending:
                 pending.discard(row["unit"])
                 remove_staging(layout, row["unit"])
-                bar.update()
+                layout.drop_kept_pixels(row["unit"])
+                bar.set_postfix(units=f"{len(units) - len(pending)}/{len(units)}", refresh=False)
     # Safety net: a unit whose completing part raced with another writer's check commits here.
-    still = []
+    failed = {}
     for unit in sorted(pending):
         try:
-            if not try_commit(layout, unit):
-                still.append(unit)
+            if try_commit(layout, unit):
+                continue
+            record = read_failed(layout, unit)
+            failed[unit] = record["reason"] if record else "not all of its samples came back from the model stages"
         except IncompleteUnitError as err:
-            still.append(f"{unit} ({err})")
-    if still:
-        raise RuntimeError(f"{len(still)} units could not be committed, e.g. {still[:3]}; run the job again to "
-                           f"re-encode them (committed units are kept)")
-    for unit in pending:
+            failed[unit] = str(err)
+    for unit in pending - failed.keys():
         remove_staging(layout, unit)
+    return failed
 
 
 def _card_info(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfig) -> dict:
@@ -377,39 +351,61 @@ def _card_info(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
                                          "multiple": config.buckets.resolved_multiple}}
 
 
-def run(config: CurateConfig) -> dict:
-    """Run (or resume) the job; returns the dataset card."""
+def preflight(config: CurateConfig) -> tuple[DatasetLayout, object, list[WorkUnit], dict[str, dict]]:
+    """Everything that can be known before any work: the models resolve, the output location is writable, the
+    source lists, the cluster fits the stages. Raises ConfigError (one line per problem) before job.json exists."""
     from pipelines.ray_cluster import init_ray
 
+    resolve_models(model_needs(config))
+    check_output_location("output", config.output)
     layout = DatasetLayout(config.output)
-    layout.root.mkdir(parents=True, exist_ok=True)
     source = build_source(config.source)
-    units = source.list_units(layout.work)
+    try:
+        units = source.list_units(layout.work)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
     ids = [u.id for u in units]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"source {config.source.kind}: two inputs map to the same unit id; rename one")
-    check_job(layout, config, units)
+    ray = init_ray(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory)
+    resources = fit_resources(config, ray.cluster_resources())
+    return layout, source, units, resources
 
-    init_ray(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory)
+
+def run(config: CurateConfig) -> dict:
+    """Run (or resume) the job; returns the dataset card. Raises UnitsFailed, after finishing every other unit,
+    when some units could not be processed."""
+    with claimed_output(config.output):
+        layout, source, units, resources = preflight(config)
+        bind_output(layout.root, config.output_fingerprint(), digest([u.to_row() for u in units]), len(units))
+    ids = [u.id for u in units]
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = config.ray.progress
+    ctx.max_errored_blocks = config.ray.max_errored_blocks
 
-    run_screen(layout, source, units, config)
+    failed = run_screen(layout, source, units, config)
+    if failed:  # the duplicate search spans the whole dataset: planning needs every unit screened
+        raise UnitsFailed("curate", {u: f"{r} (no unit is encoded until every unit is screened)"
+                                     for u, r in failed.items()})
     todo = plan_units(layout, units, config)
     for unit, count in todo.items():
         if count == 0:  # everything rejected before encoding: commit now, nothing to stream
+            layout.sweep(unit)
             commit_unit(layout, unit, [], [row for row in read_plan(layout, unit) if row["stage"]])
     encode = [u for u in units if todo.get(u.id, 0) > 0 and not layout.is_committed(u.id)]
-    # Leftovers of an interrupted attempt: parts of units committed since, or to be re-encoded from scratch.
-    for unit in units:
-        remove_staging(layout, unit.id)
-    run_encode(layout, source, encode, config)
+    # Leftovers of an interrupted attempt: temp files, parts of units committed since or to be re-encoded.
+    for unit in encode:
+        layout.sweep(unit.id)
+    failed = run_encode(layout, source, encode, todo, config, resources)
+    if failed:
+        raise UnitsFailed("curate", failed)
     card = finalize(layout, ids, dump_config(config), _card_info(layout, units, config))
     plot_card(card, layout.root / "dataset_card.png")
     for unit in units:
         remove_staging(layout, unit.id)
+        layout.drop_kept_pixels(unit.id)
     return card
 
 
@@ -419,16 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field (repeatable)")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         config = load_config(args.config, CurateConfig, args.overrides)
-        card = run(config)
-    except (ConfigError, MissingModelError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    counts = card["counts"]
-    print(f"curated {config.output}: seen {counts['seen']}, accepted {counts['accepted']}, rejected "
-          f"{counts['rejected']} {counts['rejected_by_reason']}")
-    return 0
+        counts = run(config)["counts"]
+        print(f"curated {config.output}: seen {counts['seen']} = accepted {counts['accepted']} + rejected "
+              f"{counts['rejected']} {counts['rejected_by_reason']}")
+
+    return run_main("curate", body)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from curation.density_report import SourceResult, TokenizerInfo, build_figures, 
 from common.pretrained import DEFAULT_T5, T5_MAX_LENGTH, MissingModelError
 from curation.shard_format import CARD_FILE
 from common.config import ConfigError, StrictModel, dump_config, load_config
+from pipelines.job import Stage, StageResources, check_output_location, fit_stages, run_main
 
 
 class SourceConfig(StrictModel):
@@ -135,8 +136,15 @@ def _label_captions(batch, source: str, column: str):
     return pa.table({"source": pa.array([source] * len(captions), pa.string()), "caption": captions})
 
 
-def compute_stats(sources: dict[str, tuple[list[str], str]], stage_options: dict, batch_size: int,
-                  concurrency: int) -> dict[str, DensityStats]:
+def stats_stage(config: DensityConfig) -> Stage:
+    """The statistics stage, sized by the one policy of pipelines.job: CPU-bound work, so `auto` concurrency fills
+    the CPUs the reading leaves."""
+    return Stage("ray", StageResources(batch_size=config.ray.batch_size, num_gpus=0, num_cpus="auto",
+                                       concurrency=config.ray.concurrency or "auto"), scales_on_cpu=True)
+
+
+def compute_stats(sources: dict[str, tuple[list[str], str]], stage_options: dict,
+                  resources: dict) -> dict[str, DensityStats]:
     """Statistics of every source (name -> (parquet files, caption column)) in one Ray Data job.
 
     read_parquet (the caption column only) per source -> union -> CaptionStatsStage on an actor pool, each batch
@@ -155,13 +163,9 @@ def compute_stats(sources: dict[str, tuple[list[str], str]], stage_options: dict
     rows = captions.map_batches(
         CaptionStatsStage,
         fn_constructor_kwargs={"column": "caption", "source_column": "source", **stage_options},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=1,
-    )
+        batch_format="pyarrow", **resources)
     # One hash partition per stage actor: the summed rows (distinct nouns) are far fewer than the captions.
-    summed = rows.groupby(["source", "kind", "key"], num_partitions=concurrency).sum("count")
+    summed = rows.groupby(["source", "kind", "key"], num_partitions=resources["compute"].max_size).sum("count")
     stats = {name: DensityStats() for name in sources}
     for batch in summed.iter_batches(batch_format="pyarrow", batch_size=65536):
         for source in pc.unique(batch["source"]).to_pylist():
@@ -174,18 +178,22 @@ def run(config: DensityConfig) -> dict[str, Path]:
     """Compute every source's statistics on Ray and write the report; returns the written files."""
     from pipelines.ray_cluster import init_ray
 
+    # Preflight, before any work: the tagger runs, a source can be read, the report can be written, the cluster
+    # fits the stage. The tokenizer is optional: without it the token figures say why they are missing.
     try:
-        extractor = build_noun_extractor(config.tagger)  # fail before any work when the tagger cannot run
+        extractor = build_noun_extractor(config.tagger)
     except TaggerUnavailable as err:
         raise ConfigError(f"tagger: {err}") from None
     resolved = resolve_sources(config)
+    check_output_location("output_dir", config.output_dir)
     tokenizer = check_tokenizer(config.tokenizer, config.sources)
     if not tokenizer.available:
         print(f"[density] T5 token figures unavailable: {tokenizer.reason}", file=sys.stderr)
 
     ray = init_ray(address=config.ray.address, num_cpus=config.ray.num_cpus,
                    object_store_memory=config.ray.object_store_memory)
-    concurrency = config.ray.concurrency or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    resources = fit_stages([stats_stage(config)], ray.cluster_resources(), task_cpus=1.0)["ray"]
+    concurrency = resources["compute"].max_size
     stage_options = {
         "tagger": config.tagger,
         "tokenizer": tokenizer.name_or_path if tokenizer.available else None,
@@ -202,7 +210,7 @@ def run(config: DensityConfig) -> dict[str, Path]:
             print(f"[density] {source.name}: skipped: {where.problem}", file=sys.stderr)
     print(f"[density] {concurrency} stage actor(s), batches of {config.ray.batch_size}", flush=True)
     start = time.perf_counter()
-    stats = compute_stats(readable, stage_options, config.ray.batch_size, concurrency)
+    stats = compute_stats(readable, stage_options, resources)
     elapsed = time.perf_counter() - start
     results = []
     for source in config.sources:
@@ -215,7 +223,9 @@ def run(config: DensityConfig) -> dict[str, Path]:
                 result.stats.rejected["missing_column"] += where.missing_column_rows
         results.append(result)
     seen = sum(s.seen for s in stats.values())
-    print(f"[density] {seen:,} captions in {elapsed:.1f} s ({seen / max(elapsed, 1e-9):,.0f} captions/s)", flush=True)
+    rejected = sum(sum(s.rejected.values()) for s in stats.values())
+    print(f"[density] {seen:,} captions in {elapsed:.1f} s ({seen / max(elapsed, 1e-9):,.0f} captions/s): "
+          f"seen {seen:,} = counted {seen - rejected:,} + rejected {rejected:,}", flush=True)
 
     figures = build_figures(results, valid_threshold=config.valid_threshold, top_k=config.top_k,
                             tagger=extractor.tagger, lemmatizer=extractor.lemmatizer, tokenizer=tokenizer,
@@ -232,13 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set valid_threshold=5 (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, DensityConfig, args.overrides)
-        run(config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("density", lambda: run(load_config(args.config, DensityConfig, args.overrides)))
 
 
 if __name__ == "__main__":

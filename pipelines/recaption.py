@@ -32,8 +32,6 @@ encodes the new caption.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import logging
 import sys
@@ -46,11 +44,16 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from curation.captioners.config import CaptionStageConfig
-from common.durable import atomic_write_bytes
+from common.durable import atomic_write_bytes, sweep_temp
+from curation.failures import describe, map_isolated, sample_rejection
+from curation.sources.base import Rejection
 from common.versions import library_versions
 from curation.shard_format import read_manifest
 from curation.sources import SourceConfig, WorkUnit
 from common.config import ConfigError, StrictModel, dump_config, load_config
+from pipelines.job import (Stage, StageResources, UnitsFailed, bind_output, captioner_needs, check_output_location,
+                           claimed_output, digest, fit_stages, is_committed, parquet_bytes, resolve_models, run_main,
+                           write_parquet)
 
 log = logging.getLogger("pipelines.recaption")
 
@@ -58,7 +61,6 @@ PARTS_DIR = "parts"
 CAPTIONS_FILE = "captions.parquet"
 MANIFEST_FILE = "manifest.parquet"
 CARD_FILE = "recaption_card.json"
-JOB_FILE = "job.json"
 SOURCE_INDEX_DIR = "source_index"
 
 # A row's `reason` when its unit is missing from the source or its sample from the unit.
@@ -122,7 +124,10 @@ def wanted_by_unit(cfg: RecaptionConfig) -> dict[str, dict[str, list]]:
 
 def committed_units(out: Path) -> set[str]:
     parts = out / PARTS_DIR
-    return {p.stem for p in parts.glob("*.parquet") if not p.name.startswith(".")} if parts.is_dir() else set()
+    if not parts.is_dir():
+        return set()
+    sweep_temp(parts)  # temp parts of a dead attempt
+    return {p.stem for p in parts.glob("*.parquet") if not p.name.startswith(".") and is_committed(p)}
 
 
 def caption_fingerprint(caption: CaptionStageConfig) -> dict:
@@ -131,25 +136,6 @@ def caption_fingerprint(caption: CaptionStageConfig) -> dict:
         "backend", "name", "model", "prompt", "source_prompt", "inject_source_caption", "chat_template",
         "max_new_tokens", "min_new_tokens", "quality", "options"}) | {
         "sampling_schedule": [s.model_dump() for s in caption.sampling_schedule()]}
-
-
-def claim_output(cfg: RecaptionConfig, units: list[WorkUnit], wanted: dict | None) -> None:
-    """Record what this output folder is for; refuse to resume it with other caption settings or other input."""
-    listing = [u.to_row() for u in units] if wanted is None else sorted((u, sorted(k)) for u, k in wanted.items())
-    digest = hashlib.sha1(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-    job = {"caption": caption_fingerprint(cfg.caption), "input_sha1": digest}
-    path = cfg.output / JOB_FILE
-    if not path.is_file():
-        atomic_write_bytes(path, json.dumps(job, indent=2).encode())
-        return
-    before = json.loads(path.read_text())
-    if before["caption"] != job["caption"]:
-        changed = sorted(k for k in job["caption"] if before["caption"].get(k) != job["caption"][k])
-        raise ConfigError(f"output {cfg.output} holds captions made with other caption settings (changed: "
-                          f"{', '.join('caption.' + k for k in changed)}); set another output, or delete it to start over")
-    if before["input_sha1"] != digest:
-        raise ConfigError(f"output {cfg.output} was started on other input (different source units or manifest); "
-                          f"set another output, or delete it to start over")
 
 
 # --- stages (plain classes; Ray runs them, they do not know it) -------------------------------------------------
@@ -200,8 +186,6 @@ class ReadUnits:
         return np.asarray(picture)
 
     def read_unit(self, unit: WorkUnit, wanted: dict[str, list] | None) -> Iterator[dict]:
-        from curation.images import ImageError
-
         seen: set[str] = set()
         for sample in self.source.iter_unit(unit):
             if (wanted is not None and sample.key not in wanted) or sample.key in seen:
@@ -215,8 +199,9 @@ class ReadUnits:
             else:
                 try:
                     row["image"] = self.image(sample.data)
-                except ImageError as err:
-                    row["error"] = f"decode_error: {err}"
+                except Exception as err:  # noqa: BLE001 - one sample never stops the job
+                    rejection = sample_rejection("decode_error", sample.key, err)
+                    row["error"] = f"{rejection.stage}: {rejection.reason}"
             yield row
         for key in sorted(set(wanted or ()) - seen):
             source, source_id, caption = wanted[key]
@@ -227,15 +212,20 @@ class ReadUnits:
         for unit_json, wanted_json in zip(batch["unit"], batch["wanted"]):
             unit = WorkUnit.from_row(json.loads(unit_json))
             wanted = json.loads(wanted_json) if wanted_json else None
-            rows, count = [], 0
-            for row in self.read_unit(unit, wanted):
-                rows.append(row)
-                count += 1
-                if len(rows) == self.block_rows:
-                    yield _rows_to_batch(rows)
-                    rows = []
+            rows, count, failure = [], 0, ""
+            try:
+                for row in self.read_unit(unit, wanted):
+                    rows.append(row)
+                    count += 1
+                    if len(rows) == self.block_rows:
+                        yield _rows_to_batch(rows)
+                        rows = []
+            except Exception as err:  # noqa: BLE001 - the unit fails (listed at the end), the others go on
+                failure = f"read: {describe(err)}"
+                log.error("unit %s failed: %s", unit.id, failure, exc_info=True)
+            # The end-of-unit row: how many sample rows the unit produced, or (in `error`) why it failed.
             rows.append({"key": "", "unit": unit.id, "source": "", "source_id": "", "source_caption": None,
-                         "image": _NO_IMAGE, "error": "", "unit_rows": count})
+                         "image": _NO_IMAGE, "error": failure, "unit_rows": count})
             yield _rows_to_batch(rows)
 
 
@@ -257,12 +247,18 @@ class CaptionImages:
         attempts = [0] * n
         todo = [i for i in range(n) if batch["unit_rows"][i] < 0 and not batch["error"][i]]
         if todo:
-            results = self.captioner(
-                [Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)) for i in todo],
-                [_text(batch["source_caption"][i]) or None for i in todo],
-                [{"key": batch["key"][i], "source": batch["source"][i]} for i in todo],
-            )
+            def caption(items):
+                images, sources, metas = zip(*items) if items else ((), (), ())
+                return self.captioner(list(images), list(sources), list(metas))
+
+            items = [(Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)),
+                      _text(batch["source_caption"][i]) or None,
+                      {"key": batch["key"][i], "source": batch["source"][i]}) for i in todo]
+            results = map_isolated(caption, items, "caption", [str(batch["key"][i]) for i in todo])
             for i, result in zip(todo, results):
+                if isinstance(result, Rejection):
+                    reason[i] = f"{result.stage}: {result.reason}"
+                    continue
                 text[i], ok[i], reason[i], attempts[i] = result.text, result.ok, result.reason, result.attempts
         return {
             "key": batch["key"], "unit": batch["unit"], "source": batch["source"], "source_id": batch["source_id"],
@@ -274,14 +270,6 @@ class CaptionImages:
 
 
 # --- commit (driver) --------------------------------------------------------------------------------------------
-
-
-def _parquet_bytes(table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 def _text(value) -> str | None:
@@ -301,7 +289,7 @@ def write_part(out: Path, unit: str, rows: list[dict], caption_name: str) -> Non
     import pyarrow as pa
 
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=part_schema(caption_name))
-    atomic_write_bytes(out / PARTS_DIR / f"{unit}.parquet", _parquet_bytes(table))
+    write_parquet(out / PARTS_DIR / f"{unit}.parquet", table)
 
 
 class UnitCommitter:
@@ -314,6 +302,7 @@ class UnitCommitter:
         self.column = f"caption_{caption_name}"
         self.rows: dict[str, dict[str, dict]] = defaultdict(dict)
         self.expected: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
 
     def add(self, batch: dict[str, np.ndarray]) -> list[str]:
         """Take a batch of results; returns the units it completed (and committed)."""
@@ -322,6 +311,9 @@ class UnitCommitter:
             unit = str(unit)
             touched.append(unit)
             if int(batch["unit_rows"][i]) >= 0:
+                if _text(batch["reason"][i]):  # the unit could not be read: nothing of it is committed
+                    self.failed[unit] = _text(batch["reason"][i])
+                    continue
                 self.expected[unit] = int(batch["unit_rows"][i])
                 continue
             key = str(batch["key"][i])
@@ -332,32 +324,32 @@ class UnitCommitter:
                 self.column: _text(batch["caption"][i]), "ok": bool(batch["ok"][i]), "reason": _text(batch["reason"][i]),
                 "attempts": int(batch["attempts"][i]), "provenance": str(batch["provenance"][i]),
             }
+        for unit in self.failed:
+            self.rows.pop(unit, None)
         done = [u for u in dict.fromkeys(touched) if self.expected.get(u) == len(self.rows.get(u, ()))]
         for unit in done:
             write_part(self.out, unit, list(self.rows.pop(unit, {}).values()), self.caption_name)
             del self.expected[unit]
         return done
 
-    def unfinished(self) -> list[str]:
-        return sorted(set(self.rows) | set(self.expected))
+    def unfinished(self) -> dict[str, str]:
+        """Units not committed: unit -> why."""
+        out = {unit: "not all of its rows came back from the captioning stage"
+               for unit in set(self.rows) | set(self.expected)}
+        return out | self.failed
 
 
 # --- the job ----------------------------------------------------------------------------------------------------
 
 
-def caption_resources(caption: CaptionStageConfig, cluster_gpus: float) -> dict:
-    import ray
-
-    num_gpus = caption.num_gpus
-    if num_gpus and not cluster_gpus:
-        log.warning("caption.num_gpus=%s but the cluster has no GPUs: the captioning actors run on CPU", num_gpus)
-        num_gpus = 0
-    return {"num_gpus": num_gpus, "num_cpus": caption.num_cpus,
-            "compute": ray.data.ActorPoolStrategy(size=caption.concurrency)}
+def caption_stage(caption: CaptionStageConfig) -> Stage:
+    return Stage("caption", StageResources(batch_size=caption.batch_size, concurrency=caption.concurrency,
+                                           num_gpus=caption.num_gpus, num_cpus=caption.num_cpus))
 
 
-def caption_units(cfg: RecaptionConfig, units: list[WorkUnit], wanted: dict | None) -> None:
-    """Run the Ray Data DAG over `units` and commit each unit as its last row comes back."""
+def caption_units(cfg: RecaptionConfig, units: list[WorkUnit], wanted: dict | None, resources: dict) -> dict:
+    """Run the Ray Data DAG over `units` and commit each unit as its last row comes back. Returns the units that
+    could not be committed (unit -> reason); every other unit is committed."""
     import ray
     from tqdm import tqdm
 
@@ -366,24 +358,21 @@ def caption_units(cfg: RecaptionConfig, units: list[WorkUnit], wanted: dict | No
     reader = ReadUnits(cfg.input.source.model_dump(mode="json"), cfg.max_image_side, cfg.read_block_rows,
                        cfg.input.source_caption)
     committer = UnitCommitter(cfg.output, cfg.caption.name)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < cfg.caption.concurrency * cfg.caption.num_cpus + cfg.ray.read_num_cpus:
-        log.warning("the cluster has %s CPUs: %d captioning actors x %s CPUs leave none for reading images "
-                    "(lower caption.num_cpus or caption.concurrency, unless the cluster autoscales)",
-                    cpus, cfg.caption.concurrency, cfg.caption.num_cpus)
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         # an instance, not the class: reading runs as stateless tasks that Ray Data scales freely
         .map_batches(reader, batch_size=1, batch_format="numpy", num_cpus=cfg.ray.read_num_cpus)
         .map_batches(CaptionImages, fn_constructor_kwargs={"caption": cfg.caption.model_dump(mode="json", exclude_unset=True)},
-                     batch_size=cfg.caption.batch_size, batch_format="numpy",
-                     **caption_resources(cfg.caption, ray.cluster_resources().get("GPU", 0)))
+                     batch_format="numpy", **resources["caption"])
     )
-    with tqdm(total=len(units), desc="units committed", unit="unit") as bar:
+    pictures = sum(len(wanted[u.id]) for u in units) if wanted is not None else None
+    with tqdm(total=pictures, desc="caption", unit="picture") as bar:
+        committed = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            bar.update(len(committer.add(batch)))
-    if committer.unfinished():
-        raise RuntimeError(f"the pipeline ended with units not complete: {committer.unfinished()}")
+            committed += len(committer.add(batch))
+            bar.update(int((np.asarray(batch["unit_rows"]) < 0).sum()))
+            bar.set_postfix(units=f"{committed}/{len(units)}", refresh=False)
+    return committer.unfinished()
 
 
 def consolidate(cfg: RecaptionConfig) -> dict:
@@ -407,8 +396,8 @@ def consolidate(cfg: RecaptionConfig) -> dict:
         # a lookup, not Table.join: it keeps the manifest's row order and its all-null columns (class_label)
         by_key = dict(zip(keys, captions.column(column).to_pylist()))
         new = pa.array([by_key[k] for k in manifest.column("key").to_pylist()], pa.string())
-        atomic_write_bytes(out / MANIFEST_FILE, _parquet_bytes(manifest.append_column(column, new)))
-    atomic_write_bytes(out / CAPTIONS_FILE, _parquet_bytes(captions))
+        atomic_write_bytes(out / MANIFEST_FILE, parquet_bytes(manifest.append_column(column, new)))
+    atomic_write_bytes(out / CAPTIONS_FILE, parquet_bytes(captions))
 
     ok = captions.column("ok").to_pylist()
     # "decode_error: undecodable image: ..." counts as decode_error; the rows keep the details
@@ -429,14 +418,30 @@ def consolidate(cfg: RecaptionConfig) -> dict:
     return card
 
 
-def run(cfg: RecaptionConfig) -> dict:
-    """Caption every wanted image that no committed part holds yet, then consolidate. Returns the card."""
+def preflight(cfg: RecaptionConfig) -> tuple[list[WorkUnit], dict | None, dict]:
+    """Before any work and before job.json: the captioner's model resolves, the output can be written, the input
+    lists, the cluster fits the captioning stage. Raises ConfigError naming the field."""
     from pipelines.ray_cluster import init_ray
 
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    units = cfg.input.source.build().list_units(cfg.output / SOURCE_INDEX_DIR)
-    wanted = wanted_by_unit(cfg) if cfg.input.dataset is not None else None
-    claim_output(cfg, units, wanted)
+    resolve_models(captioner_needs("caption", cfg.caption))
+    check_output_location("output", cfg.output)
+    try:
+        units = cfg.input.source.build().list_units(cfg.output / SOURCE_INDEX_DIR)
+        wanted = wanted_by_unit(cfg) if cfg.input.dataset is not None else None
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"input: {err}") from None
+    ray = init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory)
+    resources = fit_stages([caption_stage(cfg.caption)], ray.cluster_resources(), cfg.ray.read_num_cpus)
+    return units, wanted, resources
+
+
+def run(cfg: RecaptionConfig) -> dict:
+    """Caption every wanted image that no committed part holds yet, then consolidate. Returns the card; raises
+    UnitsFailed (after every other unit is committed) when some units could not be read."""
+    with claimed_output(cfg.output):
+        units, wanted, resources = preflight(cfg)
+        listing = [u.to_row() for u in units] if wanted is None else sorted((u, sorted(k)) for u, k in wanted.items())
+        bind_output(cfg.output, caption_fingerprint(cfg.caption), digest(listing), len(listing), "caption.")
     done = committed_units(cfg.output)
     if wanted is not None:
         listed = {u.id for u in units}
@@ -449,8 +454,9 @@ def run(cfg: RecaptionConfig) -> dict:
     pending = [u for u in units if u.id not in done]
     log.info("%d units, %d already committed, %d to caption", len(units), len(units) - len(pending), len(pending))
     if pending:
-        init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory)
-        caption_units(cfg, pending, wanted)
+        failed = caption_units(cfg, pending, wanted, resources)
+        if failed:
+            raise UnitsFailed("recaption", failed)
     return consolidate(cfg)
 
 
@@ -461,14 +467,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, e.g. --set caption.batch_size=32 (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
+
+    def body():
         cfg = load_config(args.config, RecaptionConfig, args.overrides)
         card = run(cfg)
-    except ConfigError as err:  # a bad field, or an output folder that belongs to another job
-        print(err, file=sys.stderr)
-        return 2
-    print(json.dumps({"output": str(cfg.output), **card["counts"]}, indent=2))
-    return 0
+        print(json.dumps({"output": str(cfg.output), **card["counts"]}, indent=2))
+
+    return run_main("recaption", body)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ def test_bucket_stage_reads_what_the_plan_sends_and_flags_changed_input(tmp_path
     import pyarrow as pa
 
     from curation.buckets import BucketStage, InputChangedError
+    from curation.failures import read_failed
     from curation.shard_format import make_key
     from curation.sources import FolderConfig, build_source
     from curation.writer import PLAN_SCHEMA, DatasetLayout, write_parquet
@@ -165,6 +166,9 @@ def test_bucket_stage_reads_what_the_plan_sends_and_flags_changed_input(tmp_path
     assert meta["orig_size"] == [1200, 1800] and meta["bucket"] == [208, 304]
     assert good["image"].shape == (208, 304, 3) and good["caption_image"].shape == (100, 150, 3)
     assert bad["reject_stage"] == "decode" and bad["image"].shape == (0, 0, 3) and bad["caption_image"].size == 0
+    # Changed input fails the unit (recorded for the driver), not the job: the stage stops, nothing raises.
     plan([("a.jpg", ""), ("renamed.jpg", ""), ("c.jpg", "")])
-    with pytest.raises(InputChangedError, match="was"):
-        list(stage(unit.to_row()))
+    assert len(list(stage(unit.to_row()))) == 1
+    failure = read_failed(layout, unit.id)
+    assert failure["stage"] == "bucket" and failure["reason"].startswith(InputChangedError.__name__)
+    assert "was" in failure["reason"]

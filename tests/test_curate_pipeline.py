@@ -113,21 +113,40 @@ def test_config_errors_name_the_field(tmp_path, capsys):
     assert "filters.max_aspect_ratio" in capsys.readouterr().err
 
 
-def test_resource_requests_the_cluster_cannot_meet_are_refused():
-    from pipelines.curate import check_resources
+def test_resource_requests_are_fitted_to_the_cluster_or_refused_naming_the_fields():
+    from pipelines.curate import fit_resources
 
     base = {"source": {"kind": "folder", "root": "."}, "output": "o", "vae": {"model": "org/vae"},
             "t5": {"model": "org/t5", "captions": ["original"]}}
     config = CurateConfig.model_validate(base)
+    # auto on 2 CPUs: one reader (1 CPU) leaves 1 CPU for the two model stages' actors, half each.
+    fitted = fit_resources(config, {"CPU": 2})
+    assert fitted["ray.vae"]["num_cpus"] == fitted["ray.t5"]["num_cpus"] == 0.5
+    assert fitted["ray.vae"]["num_gpus"] == 0 and fitted["ray.vae"]["compute"].min_size == 1
+    roomy = fit_resources(config, {"CPU": 16, "GPU": 4})
+    assert roomy["ray.vae"]["num_cpus"] == 1.0 and roomy["ray.vae"]["num_gpus"] == 1.0
+    assert roomy["ray.vae"]["compute"].max_size == 4  # auto: up to one actor per GPU
+    explicit = CurateConfig.model_validate({**base, "ray": {"vae": {"num_cpus": 1}, "t5": {"num_cpus": 1}}})
     with pytest.raises(ConfigError, match=r"ray.vae.num_cpus, ray.t5.num_cpus"):
-        check_resources(config, {"CPU": 2})  # two 1-CPU actors + a 1-CPU reader on 2 CPUs would never start
-    check_resources(config, {"CPU": 4})
-    small = CurateConfig.model_validate({**base, "ray": {"vae": {"num_cpus": 0.5}, "t5": {"num_cpus": 0.5}}})
-    check_resources(small, {"CPU": 2})
+        fit_resources(explicit, {"CPU": 2})  # two 1-CPU actors + a 1-CPU reader on 2 CPUs would never start
+    fit_resources(explicit, {"CPU": 4})
     captioned = CurateConfig.model_validate({**base, "caption": {"backend": "transformers"}})
+    assert fit_resources(captioned, {"CPU": 2})["caption"]["num_cpus"] == pytest.approx(1 / 3)
+    gpu_caption = CurateConfig.model_validate({**base, "caption": {"backend": "transformers", "num_gpus": 1}})
     with pytest.raises(ConfigError, match="caption.num_gpus"):
-        check_resources(captioned, {"CPU": 16})  # the caption section asks for a GPU by default
-    check_resources(captioned, {"CPU": 16, "GPU": 1})
+        fit_resources(gpu_caption, {"CPU": 16})
+    fit_resources(gpu_caption, {"CPU": 16, "GPU": 1})
+
+
+def test_every_shipped_config_fits_a_two_core_machine():
+    from pipelines.curate import fit_resources
+
+    for path in sorted((ROOT / "configs" / "curation").glob("*.yaml")):
+        config = load_config(path, CurateConfig)
+        fitted = fit_resources(config, {"CPU": 2})
+        read = max(config.ray.read_num_cpus, config.ray.write_num_cpus)
+        assert sum(f["num_cpus"] for f in fitted.values()) + read <= 2 + 1e-9, path.name
+        assert all(f["num_gpus"] == 0 for f in fitted.values()), path.name
 
 
 def test_plan_applies_duplicates_across_units_and_handles_all_rejected_units(tmp_path):

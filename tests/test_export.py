@@ -98,13 +98,13 @@ def test_a_v_prediction_model_exports_a_v_prediction_scheduler(weights, tmp_path
 def test_the_weights_choice_is_printed_and_the_call_written_to_a_readme(weights, tmp_path, capsys):
     out = export_main(["--checkpoint", str(weights), "--out", str(tmp_path / "pipe")])
     printed = capsys.readouterr().out
-    assert "exporting the EMA weights (ema.safetensors)" in printed
+    assert "exporting the EMA weights: using" in printed and "ema.safetensors" in printed
     # A 64-px model is not in diffusers' resolution-binning tables: the call says so.
     call = "pipe(prompt, height=64, width=64, use_resolution_binning=False, clean_caption=False)"
     assert call in printed and call in (out / "README.md").read_text()
     assert json.loads((out / "pixart_export.json").read_text())["call"] == call
     export_main(["--checkpoint", str(weights), "--out", str(tmp_path / "pipe"), "--weights", "model"])
-    assert "exporting the model weights (model.safetensors)" in capsys.readouterr().out
+    assert "exporting the model weights: using" in capsys.readouterr().out
 
 
 def run_call(out, call: str, **extra):
@@ -157,3 +157,17 @@ def test_a_multi_scale_model_below_1024_px_gets_its_micro_conditions(tmp_path, t
     call = json.loads((out / "pixart_export.json").read_text())["call"]
     image = run_call(out, call)
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_a_vae_in_a_subfolder_of_a_pipeline_folder_exports(weights, tmp_path, tiny_vae_dir, tiny_t5_dir):
+    """pipeline.json's vae_subfolder (a diffusers pipeline folder or repo holding the VAE under vae/) is honoured."""
+    from training.weights import PipelineInfo, write_pipeline_info
+
+    folder = tmp_path / "weights"
+    shutil.copytree(weights, folder)
+    shutil.copytree(tiny_vae_dir, tmp_path / "sd" / "vae")
+    write_pipeline_info(folder, PipelineInfo(vae=str(tmp_path / "sd"), vae_subfolder="vae", scaling_factor=0.3,
+                                             text_encoder=str(tiny_t5_dir)))
+    out = export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "pipe")])
+    vae = PixArtAlphaPipeline.from_pretrained(out).vae
+    assert vae.config.latent_channels == 4 and vae.config.scaling_factor == 0.3

@@ -152,6 +152,47 @@ def test_duplicates_keep_the_first_occurrence_and_the_smallest_key():
     assert {order[i]: r.stage for i, r in shuffled.items()} == {i: r.stage for i, r in rejected.items()}
 
 
+def test_near_duplicate_groups_keep_the_best_sample():
+    """Most pixels, then a still picture over an animated one, then the key; whatever the input order."""
+    def c(key, phash, pixels, animated=False):
+        return Candidate(unit="u0", unit_rank=0, ordinal=ord(key[0]), key=key, source_id=key, phash=phash,
+                         pixels=pixels, animated=animated)
+
+    samples = [c("a_gif", 0b0000, 600 * 400, animated=True),  # the small animated copy sorts first by key
+               c("z_jpg", 0b0001, 1500 * 1000),                # the original: most pixels
+               c("m_png", 0b0011, 600 * 400),                  # same size as the GIF, but still
+               c("b_gif", 0b0111, 600 * 400, animated=True)]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        shuffled = [samples[i] for i in order]
+        rejected = find_duplicates(shuffled, max_distance=4)
+        kept = {s.key for i, s in enumerate(shuffled) if i not in rejected}
+        assert kept == {"z_jpg"}
+        assert all("of z_jpg" in r.reason for r in rejected.values())
+    # Without the original, the still picture wins over the animated ones of the same size.
+    rejected = find_duplicates([samples[0], samples[2], samples[3]], max_distance=4)
+    assert set(rejected) == {0, 2}
+
+
+def test_screen_marks_animated_pictures(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from curation.filters import screen
+    from curation.sources.base import RawSample
+    from tests.fixtures_data import gradient
+
+    frames = [gradient(80, 120, seed=i).convert("P") for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    still = io.BytesIO()
+    frames[0].save(still, "GIF")
+    animated = screen(RawSample("k", "s", "k", "u", data=buf.getvalue()), 64, 4.0, None, 8)
+    assert animated.rejection is None and animated.animated
+    assert not screen(RawSample("k", "s", "k", "u", data=still.getvalue()), 64, 4.0, None, 8).animated
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 3
+
+
 # ---- aesthetic predictor --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):

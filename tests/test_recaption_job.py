@@ -285,7 +285,11 @@ def test_unit_committer_commits_a_unit_when_its_rows_and_its_end_are_in(tmp_path
     assert not (tmp_path / "parts" / "u1.parquet").exists()
     done = committer.add(batch([row("k3", "u2", float("nan"), False, "truncated"), end("u2", 1),
                                 row("k2", "u1", "A dog.", True, None)]))
-    assert done == ["u2", "u1"] and committer.unfinished() == []
+    assert done == ["u2", "u1"] and committer.unfinished() == {}
+    # A unit whose read failed (its end row carries the reason) is not committed, and is reported with the reason.
+    failed = ("", "u4", "", "", None, False, "read: OSError: gone", 0, "{}", 0)
+    assert committer.add(batch([row("k4", "u4", "A hat.", True, None), failed])) == []
+    assert committer.unfinished() == {"u4": "read: OSError: gone"} and not (tmp_path / "parts" / "u4.parquet").exists()
     u1 = pq.read_table(tmp_path / "parts" / "u1.parquet").to_pylist()
     assert [(r["key"], r["caption_llava"], r["ok"]) for r in u1] == [("k1", "A cat.", True), ("k2", "A dog.", True)]
     assert pq.read_table(tmp_path / "parts" / "u2.parquet").to_pylist()[0]["caption_llava"] is None

@@ -32,7 +32,7 @@ def test_stop_and_resume_is_bit_exact(data_root, tmp_path):
 
     first = train(config(data_root, tmp_path, "stopped", 6))  # checkpoints at 4 and 6 (the end)
     # A crash in the middle of the next checkpoint left a temp folder: it must be ignored.
-    (tmp_path / "stopped" / "checkpoints" / "tmp-step_00000008").mkdir()
+    (tmp_path / "stopped" / "checkpoints" / ".step_00000008.tmp-ckpt").mkdir()
     resumed = train(config(data_root, tmp_path, "stopped", 10))
 
     assert resumed.resumed_from.endswith("step_00000006")
@@ -53,5 +53,5 @@ def test_stop_and_resume_is_bit_exact(data_root, tmp_path):
 def test_resume_refuses_a_different_data_stream(data_root, tmp_path):
     train(config(data_root, tmp_path, "run", 2))
     changed = base_config(data_root, tmp_path / "run", data={"batch_size": 2, "num_workers": 1}, run={"steps": 4})
-    with pytest.raises(ConfigError, match="batch_size=3, this run has 2"):
+    with pytest.raises(ConfigError, match="data.batch_size: the checkpoint was written with batch_size=3, this run has 2"):
         train(load_train_config(write_yaml(tmp_path / "changed.yaml", changed)))

@@ -149,3 +149,14 @@ def test_help_prints_each_default_once_and_explains_sampler_seed_device(capsys):
     assert "dpm++: DPM-Solver++" in flat and "sa-solver: SA-Solver" in flat and "iddpm:" in flat
     assert "seed of the random stream" in flat and "torch device" in flat
     assert "(default: 4.5)" in flat  # --cfg-scale: argparse's default, once
+
+
+def test_cli_takes_a_run_folder_and_says_which_weights_it_used(weights, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(weights, run / "final")
+    code, log = run_cli(capsys, "--checkpoint", run, "--prompt", "a red bus", "--out", tmp_path / "s",
+                        "--height", "32", "--width", "32", "--steps", "2")
+    assert code == 0, log
+    assert f"using {run / 'final' / 'ema.safetensors'} (the run's final weights)" in log

@@ -107,7 +107,8 @@ def test_journeydb_archives_and_folders(tmp_path):
         _jdb_line("./000/a.jpg", prompt="again"),  # duplicate annotation of a.jpg
         _jdb_line("./000/zzz.jpg"),  # annotation whose image is not in its archive
         _jdb_line("./001/x.jpg", prompt="folder image"),
-        _jdb_line("./777/not-downloaded.jpg"),  # archive not part of this job: counted, not rejected
+        _jdb_line("./777/not-downloaded.jpg"),  # archive not part of this job: rejected as outside_job
+        _jdb_line("./001/gone.jpg"),  # extracted-folder layout, image file missing: rejected, not dropped
         json.dumps({"img_path": "../../etc/passwd.jpg"}),
         "",
     ]
@@ -116,7 +117,7 @@ def test_journeydb_archives_and_folders(tmp_path):
     units, samples = read_all(source, tmp_path / "work")
     assert [u.id for u in units] == ["arc-000", "files-000000", "journeydb-annotations"]
     summary = json.loads((tmp_path / "work" / "journeydb" / "_summary.json").read_text())
-    assert summary["unmatched"] == 1 and summary["problems"] == 4
+    assert summary["unmatched"] == 2 and summary["problems"] == 6
     accepted = {s.source_id: s for s in samples if not s.reject}
     assert set(accepted) == {"000/a.jpg", "000/b.jpg", "001/x.jpg"}
     assert accepted["000/a.jpg"].captions == {"prompt": "a cat", "style": "oil", "caption": "A cat on a mat."}
@@ -125,7 +126,11 @@ def test_journeydb_archives_and_folders(tmp_path):
     stages = Counter((s.unit, s.reject.stage) for s in samples if s.reject)
     assert stages == {("arc-000", "duplicate_id"): 1, ("arc-000", "source"): 2,  # c.jpg unannotated, zzz.jpg missing
                       ("files-000000", "source"): 1,  # y.jpg unannotated
-                      ("journeydb-annotations", "source"): 4}  # 3 malformed lines + the unsafe path
+                      ("journeydb-annotations", "source"): 5,  # 3 malformed, the unsafe path, 001/gone.jpg
+                      ("journeydb-annotations", "outside_job"): 1}  # 777/not-downloaded.jpg
+    # Every annotation line is accounted for: accepted, or rejected with a reason.
+    from_lines = [s for s in samples if s.reject and ("#line-" in s.source_id or s.source_id.startswith("annotations:"))]
+    assert len(accepted) + len(from_lines) == sum(1 for line in lines if line.strip())
     reasons = [s.reject.reason for s in samples if s.reject and s.unit == "journeydb-annotations"]
     assert sum("malformed JSONL line" in r for r in reasons) == 3 and any("unsafe img_path" in r for r in reasons)
     # The routing is reused on a second listing (same fingerprint), and reads identically.

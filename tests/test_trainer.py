@@ -140,7 +140,8 @@ def test_nan_losses_are_skipped_then_stop_the_run_with_a_checkpoint(data_root, t
         train(cfg)
     # Calls 1, 2, 5, 6, 7 updated; 3, 4 were skipped; 8, 9, 10 were skipped and stopped the run.
     state = json.loads((out / "checkpoints" / "step_00000005" / "state_rank0.json").read_text())
-    assert state["step"] == 5 and state["skipped_steps"] == 5 and state["position"] == 10
+    loader = json.loads((out / "checkpoints" / "step_00000005" / "loader_rank0.json").read_text())
+    assert state["step"] == 5 and state["skipped_steps"] == 5 and loader["position"] == 10
     assert (out / "checkpoints" / "latest").read_text() == "step_00000005"
 
 
@@ -157,7 +158,7 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path):
     # rejected every time they are drawn. Every drawn sample is accounted for.
     assert result.steps == 6 and result.samples_rejected > 0
     drawn = sum(len(plan.rank_batch(0, k)[1]) for k in range(json.loads(
-        (tmp_path / "run" / "checkpoints" / "step_00000006" / "state_rank0.json").read_text())["position"]))
+        (tmp_path / "run" / "checkpoints" / "step_00000006" / "loader_rank0.json").read_text())["position"]))
     assert result.samples_accepted + result.samples_rejected == drawn
     assert set(result.rejected_by_reason) == {"unreadable shard"}
     lines = (tmp_path / "run" / "logs" / "rejected_rank0.jsonl").read_text().splitlines()
@@ -185,8 +186,9 @@ def test_stage1_to_stage2_through_the_trainer(tmp_path):
 def test_stage3_plan_runs_its_substages_in_order(data_root, tmp_path):
     multi = {(64, 64): 8, (64, 96): 8, (96, 64): 8}
     write_dataset(tmp_path / "hq", FixtureSpec(multi, units=1))
+    write_dataset(tmp_path / "hq2x", FixtureSpec({(128, 128): 8, (128, 192): 8}, units=1))
     sub_a = base_config(tmp_path / "hq", tmp_path / "3a", stage=3, run={"steps": 2})
-    sub_b = base_config(tmp_path / "hq", tmp_path / "3b", stage=3, run={"steps": 2},
+    sub_b = base_config(tmp_path / "hq2x", tmp_path / "3b", stage=3, run={"steps": 2},
                         model={"preset": "tiny-MS", "overrides": {"input_size": 16}},  # "2x the resolution"
                         init={"weights": "ignored/when/run/from/the/plan"})
     write_yaml(tmp_path / "3a.yaml", sub_a)
@@ -278,7 +280,7 @@ def test_two_processes_zero2_match_a_hand_computed_update(data_root, tmp_path):
     ckpt = out / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    states = [json.loads((ckpt / f"state_rank{r}.json").read_text()) for r in (0, 1)]
+    states = [json.loads((ckpt / f"loader_rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["position"] for s in states] == [2, 2] and all(s["world_size"] == 2 for s in states)
 
     # The reference: the same initial weights and per-rank randomness, in plain PyTorch.

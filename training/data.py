@@ -377,6 +377,71 @@ def make_loader(plan: BatchPlan, root: str | Path, rank: int, start: int, captio
     return torch.utils.data.DataLoader(dataset, **kwargs)
 
 
+class ShardLoader:
+    """One rank's resumable stream of non-empty batches; it owns its position and its sample accounting.
+
+    `next_batch()` returns the next batch holding at least one sample; samples rejected on the way are counted by
+    reason and passed to `on_rejected` (the trainer logs them). `state_dict()` / `load_state_dict()` carry the
+    position of the next batch and the counts through a checkpoint, together with what defines the stream (world
+    size, batch size, seed): a checkpoint of another stream is refused, since resuming it would repeat or skip data.
+    """
+
+    def __init__(self, plan: BatchPlan, root: str | Path, rank: int, caption: str | None, caption_length: int,
+                 caption_channels: int | None, num_workers: int = 2, prefetch_factor: int = 2,
+                 pin_memory: bool = False, on_rejected=None):
+        self.plan, self.root, self.rank = plan, Path(root), rank
+        self._make = dict(caption=caption, caption_length=caption_length, caption_channels=caption_channels,
+                          num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory)
+        self.on_rejected = on_rejected
+        self.position = 0  # the next batch of this rank's stream
+        self.samples_accepted = 0
+        self.samples_rejected = 0
+        self.rejected_by_reason: Counter[str] = Counter()
+        self._iterator = None
+
+    def next_batch(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(make_loader(self.plan, self.root, self.rank, self.position, **self._make))
+        for _ in range(self.plan.batches_per_rank + 1):
+            batch = next(self._iterator)
+            self.position = batch["position"] + 1
+            if batch["rejected"]:
+                self.samples_rejected += len(batch["rejected"])
+                self.rejected_by_reason.update(r["reason"] for r in batch["rejected"])
+                if self.on_rejected is not None:
+                    self.on_rejected(batch["rejected"])
+            if batch["keys"]:
+                self.samples_accepted += len(batch["keys"])
+                return batch
+        raise DataError(f"{self.root}: a whole epoch of batches held no readable sample")
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "samples_accepted": self.samples_accepted,
+                "samples_rejected": self.samples_rejected, "rejected_by_reason": dict(self.rejected_by_reason),
+                "world_size": self.plan.world_size, "batch_size": self.plan.batch_size, "seed": self.plan.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, setting, now in (("world_size", "the number of processes", self.plan.world_size),
+                                   ("batch_size", "data.batch_size", self.plan.batch_size),
+                                   ("seed", "data.seed", self.plan.seed)):
+            if state[name] != now:
+                from common.config import ConfigError
+
+                raise ConfigError(f"{setting}: the checkpoint was written with {name}={state[name]}, this run has "
+                                  f"{now}; the data position would not continue the same stream (use a new "
+                                  f"run.output_dir or run.resume=false)")
+        self.close()
+        self.position = int(state["position"])
+        self.samples_accepted, self.samples_rejected = int(state["samples_accepted"]), int(state["samples_rejected"])
+        self.rejected_by_reason = Counter(state["rejected_by_reason"])
+
+    def close(self) -> None:
+        """Stop the worker processes now (not whenever the garbage collector gets to them)."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 def draw_latents(batch: dict, generator: torch.Generator | None, scale: float, device: torch.device | str = "cpu"):
     """A fresh latent from the stored posterior: z = (mean + std * eps) * scale, eps ~ N(0, I) from `generator`."""
     mean, std = batch["latent_mean"], batch["latent_std"]

@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     for i, image in enumerate(images):
         save_png(image, out / "samples" / f"{i:04d}.png")
-    record = {**result, "checkpoint": str(Path(args.checkpoint).resolve()), "ema": parts.used_ema,
+    record = {**result, "checkpoint": str(parts.folder.resolve()), "ema": parts.used_ema,
               "prompt_file": str(args.prompt_file), "reference": str(args.reference),
               "images_per_prompt": args.images_per_prompt, "clip_model": args.clip_model,
               "fid_features": args.fid_features, "fid_size": args.fid_size, "sampler": args.sampler,

@@ -30,12 +30,11 @@ from pathlib import Path
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
 from training import cli
 from training.checkpoint import to_diffusers
-from training.model import WEIGHTS_NAME, PixArt, StateDictMismatchError
+from training.model import PixArt, StateDictMismatchError
 from training.sampling import dpm_solver_scheduler
+from training.weights import EMA_NAME, MODEL_NAME, PipelineInfo, load_model, locate, read_pipeline_info
 
-EMA_NAME = "ema.safetensors"
-PIPELINE_JSON = "pipeline.json"
-WEIGHT_FILES = {"ema": EMA_NAME, "model": WEIGHTS_NAME}
+WEIGHT_FILES = {"ema": EMA_NAME, "model": MODEL_NAME}
 # Latent sizes PixArtAlphaPipeline has resolution-binning tables for; 128 also gets the micro-conditions.
 BINNED_SAMPLE_SIZES = (32, 64, 128)
 MICRO_CONDITION_SAMPLE_SIZE = 128
@@ -50,21 +49,21 @@ class ExportSources:
     scaling_factor: float | None
     text_encoder: str
     prediction_type: str = "epsilon"
+    vae_subfolder: str | None = None
 
 
 def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
-    """Flags win over the weights folder's pipeline.json, which wins over the PixArt-alpha defaults."""
-    info: dict = {}
-    if (checkpoint / PIPELINE_JSON).is_file():
-        info = json.loads((checkpoint / PIPELINE_JSON).read_text())
-        if not isinstance(info, dict):
-            raise ValueError(f"{checkpoint / PIPELINE_JSON}: expected a JSON object with vae/text_encoder entries")
+    """Flags win over the weights folder's pipeline.json (training.weights.PipelineInfo), which wins over the
+    PixArt-alpha defaults. A --vae flag names a VAE of its own, so pipeline.json's subfolder does not apply to it."""
+    recorded = read_pipeline_info(checkpoint)
+    info = recorded or PipelineInfo()
     return ExportSources(
-        vae=vae or info.get("vae") or DEFAULT_VAE,
-        vae_class=info.get("vae_class") or "AutoencoderKL",
-        scaling_factor=info.get("scaling_factor"),
-        text_encoder=text_encoder or info.get("text_encoder") or DEFAULT_T5,
-        prediction_type=info.get("prediction_type") or "epsilon",
+        vae=vae or info.vae,
+        vae_class=info.vae_class,
+        scaling_factor=info.scaling_factor if recorded is not None else None,
+        text_encoder=text_encoder or info.text_encoder or DEFAULT_T5,
+        prediction_type=info.prediction_type,
+        vae_subfolder=None if vae else info.vae_subfolder,
     )
 
 
@@ -106,7 +105,7 @@ def build_pipeline(model: PixArt, sources: ExportSources):
     if sources.vae_class != "AutoencoderKL":
         raise ValueError(f"vae_class={sources.vae_class!r}: PixArtAlphaPipeline needs a diffusers AutoencoderKL; "
                          f"pass --vae with one")
-    vae = load_vae(sources.vae, setting="--vae (or 'vae' in pipeline.json)")
+    vae = load_vae(sources.vae, setting="--vae (or 'vae' in pipeline.json)", subfolder=sources.vae_subfolder)
     if vae.config.latent_channels != cfg.in_channels:
         raise ValueError(f"--vae {sources.vae}: {vae.config.latent_channels} latent channels, the model expects "
                          f"{cfg.in_channels}")
@@ -150,12 +149,11 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
            weights: str | None = None, log=print) -> tuple[Path, str]:
     """Write the pipeline folder `out` (through a temp folder renamed when complete); returns (folder, the call to
     make). weights: 'ema', 'model', or None for EMA when the weights folder has it; the choice is logged."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: not a folder")
+    located, out = locate(checkpoint), Path(out)
+    checkpoint = located.folder
     weights = choose_weights(checkpoint, weights)
-    log(f"exporting the {'EMA' if weights == 'ema' else 'model'} weights ({WEIGHT_FILES[weights]}) of {checkpoint}")
-    model = PixArt.from_pretrained(checkpoint, filename=WEIGHT_FILES[weights])
+    model, _ = load_model(checkpoint, weights == "ema")
+    log(f"exporting the {'EMA' if weights == 'ema' else 'model'} weights: {located.describe(weights == 'ema')}")
     pipeline = build_pipeline(model, read_sources(checkpoint, vae, text_encoder))
     call = pipeline_call(model, pipeline.vae_scale_factor)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -173,8 +171,8 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
 
 def main(argv: list[str] | None = None) -> Path:
     parser = cli.parser("training.export", __doc__)
-    parser.add_argument("--checkpoint", required=True, help="weights folder (config.json + model.safetensors, "
-                        "optional ema.safetensors and pipeline.json)")
+    parser.add_argument("--checkpoint", required=True, help="a weights folder (config.json + model.safetensors), a run "
+                        "folder (its final weights) or a run's checkpoints/step_N folder")
     parser.add_argument("--out", required=True, help="pipeline folder to write")
     parser.add_argument("--weights", choices=tuple(WEIGHT_FILES), help="which weights to export: ema "
                         "(ema.safetensors) or model (model.safetensors) (default: ema when the folder has it)")

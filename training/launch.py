@@ -6,7 +6,8 @@
 A sub-stage config (configs/train/stage1.yaml, stage2.yaml, stage3_512.yaml, ...) runs once. A stage plan
 (configs/train/stage3.yaml: `substages: [...]`) runs its sub-stages in order, each started from the previous one's
 final weights (`init.weights` is set to <previous run.output_dir>/final); `--set` overrides apply to every
-sub-stage. Every config is validated before anything starts.
+sub-stage. Every config is validated, and every sub-stage preflighted (training.preflight: data, feature widths,
+resolution, models, init weights), before anything starts; --dry-run stops there.
 
 With --num-gpus > 1, a hostfile, or a GPU, each sub-stage is `deepspeed [--hostfile H] --num_gpus N --module
 training.trainer --config ...`: N processes per node (on every node of the hostfile, which DeepSpeed reaches over
@@ -75,6 +76,21 @@ def deepspeed_command(sub: SubStage, num_gpus: int, hostfile: str | None = None,
     return cmd
 
 
+def check_substages(substages: list[SubStage], processes: int | None) -> None:
+    """Preflight every sub-stage before the first one starts. A chained sub-stage's init.weights does not exist
+    yet; it is checked against the model its predecessor will write. A sub-stage that already has checkpoints
+    resumes and needs no init weights."""
+    from training.preflight import preflight
+    from training.trainer import run_history
+
+    for i, sub in enumerate(substages):
+        source = substages[i - 1].config.pixart_config() if i else None
+        history = run_history(Path(sub.config.run.output_dir))
+        checked = preflight(sub.config, world_size=processes or 1, resuming=bool(history), source_config=source)
+        for line in checked.checks:
+            log.info("preflight %s: %s", sub.config.name, line)
+
+
 def runs_in_process(num_gpus: int, hostfile: str | None) -> bool:
     """One process, one host and no GPU: no launcher needed."""
     import torch
@@ -88,6 +104,7 @@ def launch(stage: int, config_file: str | Path, num_gpus: int = 1, hostfile: str
     substages = plan_substages(stage, config_file, overrides)
     if hostfile and not Path(hostfile).is_file():
         raise ConfigError(f"--hostfile: {hostfile} not found")
+    check_substages(substages, num_gpus if not hostfile else None)
     for i, sub in enumerate(substages, 1):
         log.info("stage %d, sub-stage %d/%d: %s (%s) -> %s", stage, i, len(substages), sub.config.name,
                  sub.config_file, sub.config.run.output_dir)
@@ -122,14 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate the configs and print the commands")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from common.pretrained import MissingModelError
-    from training.data import DataError
-    from training.stages import TransitionError
-    from training.trainer import TrainingDiverged
+    from training.trainer import ERRORS
 
     try:
         return launch(args.stage, args.config, args.num_gpus, args.hostfile, args.set, args.master_port, args.dry_run)
-    except (ConfigError, DataError, TransitionError, MissingModelError, TrainingDiverged) as err:
+    except ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

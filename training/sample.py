@@ -21,73 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
-from training.diffusion import PredictionType
 from training.grid import image_grid, save_png
-from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, StateDictMismatchError, load_state_dict_strict
 from training import cli
+from training.model import PixArt, StateDictMismatchError
 from training.sampling import check_image_size, check_sampler_args, generate_images, vae_downsample_factor
-
-PIPELINE_NAME = "pipeline.json"
-EMA_NAME = "ema.safetensors"
-
-
-class PipelineInfo(BaseModel):
-    """`pipeline.json`: the autoencoder and text encoder a model was trained with. Unknown keys are ignored (the
-    trainer may record more); known ones are type-checked."""
-
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-    vae: str = DEFAULT_VAE
-    vae_class: str = "AutoencoderKL"
-    vae_subfolder: str | None = None  # e.g. "vae" when `vae` is a diffusers pipeline folder or repo
-    scaling_factor: float = 0.18215
-    text_encoder: str | None = DEFAULT_T5
-    prediction_type: PredictionType = "epsilon"  # what the network predicts (the scheduler's)
-
-
-def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
-    """The folder's pipeline.json, or None when it has none."""
-    path = Path(folder) / PIPELINE_NAME
-    if not path.is_file():
-        return None
-    try:
-        return PipelineInfo.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as err:
-        raise ValueError(f"{path}: not a valid {PIPELINE_NAME}: {err}") from None
-
-
-def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
-    """Write pipeline.json through a temp name (what the trainer stores next to its weights)."""
-    path = Path(folder) / PIPELINE_NAME
-    tmp = path.with_name(f".{PIPELINE_NAME}.tmp")
-    tmp.write_text(json.dumps(info.model_dump(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def load_weights(folder: str | os.PathLike, ema: bool | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> tuple[PixArt, bool]:
-    """(model in eval mode, whether EMA weights were loaded). ema=None takes ema.safetensors when it exists."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint: {folder} is not a folder (expected config.json + {WEIGHTS_NAME})")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"checkpoint: {folder} has no {name} (expected a folder written by "
-                                    f"PixArt.save_pretrained)")
-    has_ema = (folder / EMA_NAME).is_file()
-    if ema and not has_ema:
-        raise FileNotFoundError(f"ema: {folder} has no {EMA_NAME}; run with --no-ema to use {WEIGHTS_NAME}")
-    use_ema = has_ema if ema is None else ema
-    model = PixArt.from_pretrained(folder)
-    if use_ema:
-        load_state_dict_strict(model, load_file(str(folder / EMA_NAME)), source=str(folder / EMA_NAME))
-    return model.to(device=device, dtype=dtype).eval(), use_ema
+# The weights folder's contract lives in training.weights; these names are the sampler's public interface.
+from training.weights import PIPELINE_NAME, PipelineInfo, locate, read_pipeline_info
+from training.weights import write_pipeline_info  # noqa: F401
+from training.weights import load_model as load_weights
 
 
 def _slug(text: str, limit: int = 48) -> str:
@@ -96,8 +39,9 @@ def _slug(text: str, limit: int = 48) -> str:
 
 def add_weights_args(p: argparse.ArgumentParser) -> None:
     """--checkpoint, --ema and the models group: what load_parts reads."""
-    p.add_argument("--checkpoint", required=True, help="weights folder (config.json, model.safetensors, "
-                   "optional ema.safetensors and pipeline.json)")
+    p.add_argument("--checkpoint", required=True, help="a weights folder (config.json, model.safetensors, optional "
+                   "ema.safetensors and pipeline.json), a run folder (its final weights) or a run's "
+                   "checkpoints/step_N folder")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use ema.safetensors (default: when the folder has one)")
     models = p.add_argument_group("models (default: those named in the folder's pipeline.json)")
@@ -147,13 +91,16 @@ class Parts:
     height: int
     width: int
     steps: int
+    folder: Path  # the weights folder --checkpoint resolved to
 
 
 def load_parts(args: argparse.Namespace) -> Parts:
     """Load the model, VAE and T5 for `args` (add_weights_args, cli.add_sampling_args, cli.add_device_args),
     checking the sampling arguments first. Errors name the argument at fault."""
     dtype = getattr(torch, args.dtype)
-    model, used_ema = load_weights(args.checkpoint, args.ema, args.device, dtype)
+    located = locate(args.checkpoint)
+    model, used_ema = load_weights(located.folder, args.ema, args.device, dtype)
+    print(located.describe(used_ema), file=sys.stderr)
     cfg = model.config
     if args.negative_prompt is not None and not cfg.text_conditioned:
         raise ValueError("negative-prompt: a class-conditional checkpoint takes no prompts")
@@ -163,9 +110,9 @@ def load_parts(args: argparse.Namespace) -> Parts:
     if args.batch_size < 1:
         raise ValueError(f"batch-size: must be >= 1, got {args.batch_size}")
 
-    info = read_pipeline_info(args.checkpoint)
+    info = read_pipeline_info(located.folder)
     if info is None:
-        print(f"{args.checkpoint} has no {PIPELINE_NAME}; using the defaults unless flags say otherwise",
+        print(f"{located.folder} has no {PIPELINE_NAME}; using the defaults unless flags say otherwise",
               file=sys.stderr)
         info = PipelineInfo()
     vae_id = args.vae or info.vae
@@ -186,7 +133,7 @@ def load_parts(args: argparse.Namespace) -> Parts:
         text_encoder = load_text_encoder(encoder_id, setting="--text-encoder", max_length=cfg.caption_length,
                                          dtype=dtype)
         text_encoder.model.to(args.device)
-    return Parts(model, used_ema, info, vae, vae_id, text_encoder, encoder_id, height, width, steps)
+    return Parts(model, used_ema, info, vae, vae_id, text_encoder, encoder_id, height, width, steps, located.folder)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -223,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
         files.append(save_png(image, out / f"{i:03d}_{_slug(label)}.png").name)
     save_png(image_grid(images, captions=labels), out / "grid.png")
     record = {
-        "checkpoint": str(Path(args.checkpoint).resolve()), "ema": used_ema, "vae": vae_id,
+        "checkpoint": str(parts.folder.resolve()), "ema": used_ema, "vae": vae_id,
         "text_encoder": encoder_id, "scaling_factor": info.scaling_factor, "sampler": args.sampler, "steps": steps,
         "cfg_scale": args.cfg_scale, "negative_prompt": args.negative_prompt, "seed": args.seed,
         "images_per_prompt": args.images_per_prompt, "height": height, "width": width, "dtype": args.dtype,

@@ -21,16 +21,14 @@ output layer so the first step predicts what the previous sub-stage predicted.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from training.model import CONFIG_NAME, WEIGHTS_NAME, PixArt, PixArtConfig
-
-EMA_WEIGHTS_NAME = "ema.safetensors"
+from training.model import PixArt, PixArtConfig
+from training.weights import WeightsError, read_state_dict
 TRANSITIONS = ("class_to_text", "continue")
 
 
@@ -72,17 +70,11 @@ class TransitionReport:
 
 
 def load_weights(folder: str | Path, use_ema: bool = False) -> tuple[PixArtConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) of a weights folder written by the trainer (config.json + model/ema safetensors)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    filename = EMA_WEIGHTS_NAME if use_ema else WEIGHTS_NAME
-    for name in (CONFIG_NAME, filename):
-        if not (folder / name).is_file():
-            raise TransitionError(f"init.weights: {folder} has no {name}; expected a weights folder written by the "
-                                  f"trainer (<run.output_dir>/final)" + (" with EMA weights" if use_ema else ""))
-    config = PixArtConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
-    return config, load_file(str(folder / filename))
+    """(config, state dict) of a previous stage's weights folder (training.weights), errors naming init.weights."""
+    try:
+        return read_state_dict(folder, use_ema)
+    except (WeightsError, ValueError) as err:
+        raise TransitionError(f"init.weights: {err} (<run.output_dir>/final of the previous stage)") from None
 
 
 def choose_transition(source: PixArtConfig, target: PixArtConfig, requested: str = "auto") -> str:

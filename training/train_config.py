@@ -30,6 +30,7 @@ from common.pretrained import DEFAULT_T5, DEFAULT_VAE
 from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE
 from training.diffusion import PredictionType
 from training.lora import LoraSection
+from training.objectives import ObjectiveName
 from common.config import ConfigError, StrictModel, load_config
 
 
@@ -96,6 +97,8 @@ class OptimizerSection(StrictModel):
     grad_clip: float = Field(0.01, gt=0)  # global gradient-norm clip
     warmup_steps: int = Field(1000, ge=0)
     scale_lr: bool = False  # lr *= sqrt(global batch / 256), PixArt's "auto_lr" square-root rule
+    # Micro-batches per update (DeepSpeed's): an update's batch is data.batch_size x processes x this.
+    gradient_accumulation_steps: int = Field(1, ge=1)
 
     def effective_lr(self, global_batch: int) -> float:
         return self.lr * math.sqrt(global_batch / 256) if self.scale_lr else self.lr
@@ -118,6 +121,8 @@ class DiffusionSection(StrictModel):
     # Min-SNR loss weighting, min(SNR, gamma) / SNR on the eps error (Hang et al. 2023; the official code uses it,
     # with gamma 5, only in its LoRA script). null: PixArt's default, unweighted.
     min_snr_gamma: float | None = Field(None, gt=0)
+    # The training objective (training/objectives.py), recorded in pipeline.json for the samplers.
+    objective: ObjectiveName = "iddpm"
 
     @model_validator(mode="before")
     @classmethod
@@ -180,6 +185,10 @@ class RunSection(StrictModel):
     max_bad_steps: int = Field(10, ge=1)  # this many NaN/inf losses in a row stop the run (with a checkpoint)
     progress: bool = True  # a tqdm bar on rank 0
     cpu_threads: int | None = Field(None, ge=1)  # torch threads per process on CPU; None: cores / local processes
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "pixart"  # with report_to wandb (WANDB_MODE=offline works without an account)
+    # Peak dense FLOP/s per device for MFU; None: known GPUs' bf16 peak (training/metrics.py), none on CPU.
+    peak_tflops: float | None = Field(None, gt=0)
 
 
 class SamplingSection(StrictModel):
@@ -251,6 +260,10 @@ class TrainConfig(StrictModel):
         if not text_model and self.data.caption is not None:
             raise ValueError(f"data.caption: the model is class-conditional (num_classes set), so it trains on "
                              f"class_label; set data.caption to null (got {self.data.caption!r})")
+        if self.init.weights is None and self.init.transition != "auto":
+            raise ValueError(f"init.transition: {self.init.transition!r} transforms the weights of a previous stage, "
+                             f"but init.weights is null; set init.weights to its weights folder, or "
+                             f"init.transition to auto to start from random weights")
         if self.init.transition == "class_to_text" and not text_model:
             raise ValueError("init.transition: class_to_text needs a text-conditioned model (model.preset/overrides)")
         if self.sampling.every and text_model and not self.sampling.prompts:

@@ -22,7 +22,7 @@ concurrency) are for the pipeline that places the workers, not for the captioner
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -146,9 +146,12 @@ class CaptionStageConfig(CaptionerSettings):
     options: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for the backend factory (other backends' settings)")
     batch_size: int = Field(8, ge=1, description="images per captioner call (one Ray batch)")
-    num_gpus: float = Field(1.0, ge=0.0, description="GPUs per captioning actor; 0 runs it on CPU")
-    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per captioning actor")
-    concurrency: int = Field(1, ge=1, description="captioning actors")
+    num_gpus: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
+        "auto", description="GPUs per captioning actor; 0 runs it on CPU; auto: 1 when the cluster has GPUs, else 0")
+    num_cpus: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
+        "auto", description="CPUs per captioning actor; auto: 1, or a share of a small machine")
+    concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="captioning actors; auto: up to one per GPU, one on CPU")
 
     @field_validator("backend")
     @classmethod

@@ -6,8 +6,10 @@ and `caption`. Work units: one per archive, `unit_size` images per chunk of extr
 
 The annotation file covers the whole dataset and is large, so it is read once, on the driver, and routed into one
 small file per unit (`<work>/journeydb/<unit>.jsonl`); a unit's reader then needs only its own annotations.
-Malformed lines become rejected records of a `journeydb-annotations` unit; annotations of images whose archive is
-not part of this job (a partial download) are counted, not rejected.
+Every annotation line is seen and accepted or rejected: malformed lines, and lines whose image no archive or file
+of this job holds, become rejected records of a `journeydb-annotations` unit (stage `source` for a malformed line
+or a missing image file; `outside_job` for an image whose archive or folder is not part of this job: a partial
+download, or cut by `max_units`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Iterator, Literal
 
 from pydantic import Field
 
-from common.durable import atomic_write_bytes
+from common.durable import atomic_write_bytes, publish
 from curation.sources.base import (RawSample, Source, WorkUnit, chunked, is_image_name, is_tar_name, list_files,
                                    safe_unit_id)
 from curation.sources.folder import read_file
@@ -103,21 +105,32 @@ class JourneyDBSource(Source):
                 return summary
         by_file = {rel: u.id for u in units if u.kind == "files" for rel in u.paths}
         by_archive = {archive_folder(u.paths[0]): u.id for u in units if u.kind == "tar"}
+        folders = {rel.split("/", 1)[0] for rel in by_file if "/" in rel}  # extracted folders in this job
         # Lines are buffered per unit and appended to temp files in chunks: the full file never sits in memory.
         routing.mkdir(parents=True, exist_ok=True)
-        temp = {u.id: routing / f".{u.id}.jsonl.tmp" for u in units}
+        # The problems (rejected lines) are one more buffer: a partial download may leave millions of them.
+        targets = [u.id for u in units] + [PROBLEMS_UNIT]
+        temp = {target: routing / f".{target}.jsonl.tmp" for target in targets}
         for path in temp.values():
             path.write_bytes(b"")
-        buffers: dict[str, list[str]] = {u.id: [] for u in units}
+        buffers: dict[str, list[str]] = {target: [] for target in targets}
 
         def flush(unit_id: str) -> None:
             with open(temp[unit_id], "a", encoding="utf-8") as handle:
                 handle.writelines(f"{line}\n" for line in buffers[unit_id])
             buffers[unit_id].clear()
 
-        routed = 0
-        problems: list[str] = []
-        unmatched = 0
+        routed = problems = unmatched = 0
+
+        def add(target: str, line: str) -> None:
+            buffers[target].append(line)
+            if len(buffers[target]) >= 10_000:
+                flush(target)
+
+        def problem(lineno: int, reason: str, stage: str = "source") -> None:
+            nonlocal problems
+            problems += 1
+            add(PROBLEMS_UNIT, json.dumps({"line": lineno, "stage": stage, "reason": reason}))
         with open(annotations, "rb") as handle:
             for lineno, raw in enumerate(handle, 1):
                 if not raw.strip():
@@ -130,25 +143,27 @@ class JourneyDBSource(Source):
                     if not isinstance(img_path, str) or not img_path.strip():
                         raise ValueError("no img_path")
                 except (ValueError, UnicodeDecodeError) as err:
-                    problems.append(json.dumps({"line": lineno, "reason": f"malformed JSONL line {lineno}: {err}"}))
+                    problem(lineno, f"malformed JSONL line {lineno}: {err}")
                     continue
                 path = normalise_member_name(img_path.strip())
                 if path is None:
-                    problems.append(json.dumps({"line": lineno, "reason": f"line {lineno}: unsafe img_path {img_path!r}"}))
+                    problem(lineno, f"line {lineno}: unsafe img_path {img_path!r}")
                     continue
                 unit = by_file.get(path) or by_archive.get(path.split("/", 1)[0])
                 if unit is None:
                     unmatched += 1
+                    if path.split("/", 1)[0] in folders:
+                        problem(lineno, f"line {lineno}: image file {path!r} is missing")
+                    else:
+                        problem(lineno, f"line {lineno}: no archive or folder of this job holds {path!r}",
+                                "outside_job")
                     continue
-                buffers[unit].append(json.dumps({"line": lineno, "img_path": path, **compact_annotation(record)}))
+                add(unit, json.dumps({"line": lineno, "img_path": path, **compact_annotation(record)}))
                 routed += 1
-                if len(buffers[unit]) >= 10_000:
-                    flush(unit)
-        for unit_id, path in temp.items():
-            flush(unit_id)
-            path.replace(routing / f"{unit_id}.jsonl")
-        atomic_write_bytes(routing / f"{PROBLEMS_UNIT}.jsonl", "".join(f"{line}\n" for line in problems).encode())
-        summary = {"fingerprint": fingerprint, "routed": routed, "problems": len(problems), "unmatched": unmatched}
+        for target, path in temp.items():
+            flush(target)
+            publish(path, routing / f"{target}.jsonl")
+        summary = {"fingerprint": fingerprint, "routed": routed, "problems": problems, "unmatched": unmatched}
         atomic_write_bytes(summary_path, json.dumps(summary).encode())
         return summary
 
@@ -157,7 +172,8 @@ class JourneyDBSource(Source):
         if unit.kind == "records":
             for line in Path(unit.sidecar).read_text().splitlines():
                 problem = json.loads(line)
-                yield self.rejected(f"annotations:line-{problem['line']}", unit, "source", problem["reason"])
+                yield self.rejected(f"annotations:line-{problem['line']}", unit, problem.get("stage", "source"),
+                                    problem["reason"])
             return
         annotations: dict[str, dict] = {}
         for line in Path(unit.sidecar).read_text().splitlines():

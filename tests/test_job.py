@@ -1,0 +1,130 @@
+"""The job primitives shared by curate, recaption and density (pipelines/job.py): preflight of models and
+locations, output binding, the resource policy, commit markers."""
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from common.config import ConfigError
+from pipelines.job import (DIFFUSERS_MODEL, TOKENIZER, TRANSFORMERS_MODEL, ModelNeed, Stage, StageResources,
+                           bind_output, check_output_location, claimed_output, fit_stages, is_committed,
+                           resolve_models, write_parquet)
+
+
+@pytest.fixture()
+def empty_hub_cache(tmp_path, monkeypatch):
+    """No network and an empty Hugging Face cache: what a fresh machine without internet has."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
+def test_local_model_folders_must_hold_their_class_files(tmp_path, tiny_vae_dir, tiny_t5_dir):
+    resolve_models([ModelNeed("vae.model", str(tiny_vae_dir), DIFFUSERS_MODEL),
+                    ModelNeed("t5.model", str(tiny_t5_dir), TOKENIZER),
+                    ModelNeed("t5.model", str(tiny_t5_dir), TRANSFORMERS_MODEL)])
+    with pytest.raises(ConfigError) as err:  # a T5 folder is no diffusers VAE: it lacks the weights file
+        resolve_models([ModelNeed("vae.model", str(tiny_t5_dir), DIFFUSERS_MODEL, what="VAE")])
+    message = str(err.value)
+    assert message.count("\n") == 0 and message.startswith("vae.model: ")
+    assert "diffusion_pytorch_model.safetensors" in message and "set vae.model to" in message
+    with pytest.raises(ConfigError, match=r"^t5.model: folder .*missing.* does not exist"):
+        resolve_models([ModelNeed("t5.model", str(tmp_path / "missing"), TOKENIZER)])
+
+
+def test_hub_ids_resolve_through_the_cache_and_offline_mode(empty_hub_cache):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        resolve_models([ModelNeed("vae.model", "stabilityai/sd-vae-ft-ema", DIFFUSERS_MODEL)])
+    assert time.perf_counter() - start < 2
+    message = str(err.value)
+    assert message.count("\n") == 0 and message.startswith("vae.model: hub id 'stabilityai/sd-vae-ft-ema'")
+    assert "HF_HUB_OFFLINE" in message
+
+
+def test_curate_with_the_default_hub_vae_offline_stops_at_once_and_claims_nothing(tmp_path, capsys,
+                                                                                   empty_hub_cache):
+    from pipelines.curate import main
+
+    (tmp_path / "photos").mkdir()
+    config = {"source": {"kind": "folder", "root": str(tmp_path / "photos")}, "output": str(tmp_path / "out"),
+              "t5": None}  # vae.model left at its default hub id
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    start = time.perf_counter()
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: vae.model: hub id 'stabilityai/sd-vae-ft-ema'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_location_checks(tmp_path):
+    check_output_location("output", tmp_path / "new" / "deeper")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="^output: .* is a file"):
+        check_output_location("output", tmp_path / "file")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):  # root ignores permissions
+            pytest.skip("running as root")
+        with pytest.raises(ConfigError, match="^output: cannot create or write"):
+            check_output_location("output", locked / "out")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_failed_start_leaves_no_output_folder_and_binding_refuses_other_settings(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError):
+        with claimed_output(out):
+            (out / "work").mkdir(parents=True)  # a source listing may write here before the preflight ends
+            raise ConfigError("vae.model: nope")
+    assert not out.exists()
+    with claimed_output(out):
+        out.mkdir()
+        bind_output(out, {"buckets": {"resolution": 256}}, "abc", 3)
+    assert json.loads((out / "job.json").read_text())["settings"] == {"buckets": {"resolution": 256}}
+    bind_output(out, {"buckets": {"resolution": 256}}, "abc", 3)  # the same job resumes
+    with pytest.raises(ConfigError, match=r"changed: buckets.resolution"):
+        bind_output(out, {"buckets": {"resolution": 512}}, "abc", 3)
+    with pytest.raises(ConfigError, match="other input"):
+        bind_output(out, {"buckets": {"resolution": 256}}, "abd", 3)
+    with pytest.raises(RuntimeError):  # a folder already bound is never removed by a later failed start
+        with claimed_output(out):
+            raise RuntimeError("later failure")
+    assert (out / "job.json").is_file()
+
+
+def test_one_resource_policy_fits_auto_settings_to_the_cluster():
+    model = lambda **kw: Stage(kw.pop("field"), StageResources(**kw))  # noqa: E731
+    stages = [model(field="caption"), model(field="vae"), model(field="t5")]
+    two_cores = fit_stages(stages, {"CPU": 2}, task_cpus=1)
+    assert [two_cores[s]["num_cpus"] for s in ("caption", "vae", "t5")] == pytest.approx([1 / 3] * 3)
+    assert all(f["num_gpus"] == 0 and f["compute"].max_size == 1 for f in two_cores.values())
+    gpus = fit_stages(stages, {"CPU": 32, "GPU": 8}, task_cpus=1)
+    assert gpus["vae"]["num_gpus"] == 1 and gpus["vae"]["compute"].max_size == 8 and gpus["vae"]["num_cpus"] == 1
+    # A CPU-bound stage scales out over the free CPUs; a model stage on CPU keeps one actor.
+    counting = Stage("ray", StageResources(num_gpus=0), scales_on_cpu=True)
+    assert fit_stages([counting], {"CPU": 16}, task_cpus=1)["ray"]["compute"].min_size == 15
+    with pytest.raises(ConfigError, match=r"^vae.num_gpus is 2 but the Ray cluster has 1 GPUs"):
+        fit_stages([model(field="vae", num_gpus=2)], {"CPU": 8, "GPU": 1}, task_cpus=1)
+    fit_stages([model(field="vae", num_gpus=2, num_cpus=64)], {"CPU": 8}, task_cpus=1, check=False)  # autoscaling
+
+
+def test_commit_markers_empty_or_unreadable_count_as_absent(tmp_path, capsys):
+    marker = tmp_path / "manifest" / "u.parquet"
+    assert not is_committed(marker)
+    write_parquet(marker, pa.table({"key": ["a"]}))
+    assert is_committed(marker)
+    for damage in (b"", b"PAR1 half a footer"):
+        marker.write_bytes(damage)
+        assert not is_committed(marker)
+        assert not marker.exists() and "damaged" in capsys.readouterr().err
