@@ -300,7 +300,7 @@ class HeldOutEvaluation:
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict:
         from training.sampling import generate_images
-        from training.trainer import FixedPrompts
+        from training.sample_grids import FixedPrompts
 
         s = self.section
         self.model.load_state_dict(weights, strict=True)
