@@ -106,6 +106,7 @@ def test_mismatched_configs_are_refused_naming_the_setting(tmp_path, tiny_t5_dir
         init_model(PixArt(dataclasses.replace(PRESETS["tiny"], depth=3)), InitSection(weights=str(tmp_path / "d")), pre)
     with pytest.raises(TransitionError, match="not found"):
         source_kind(str(tmp_path / "missing.pth"))
+    assert source_kind("PixArt-alpha/PixArt-XL-2-512x512") == "diffusers" and source_kind(str(tmp_path / "x")) == "weights"
     with pytest.raises(TransitionError, match="use_ema"):
         init_model(PixArt(PRESETS["tiny"]), InitSection(weights=str(tmp_path / "d"), use_ema=True), pre)
 

@@ -4,6 +4,7 @@ re-derived here: the stored position embedding, the MS aspect-ratio micro-condit
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_training_batches_carry_the_key_of_the_original_size(tmp_path):
 
     samples = {s.key: s for s in write_dataset(tmp_path, FixtureSpec({(64, 96): 4, (96, 64): 4}, units=1))}
     plan = BatchPlan.from_dataset(tmp_path, "llava", 4, 1, seed=0)
-    for batch in list(make_loader(plan, tmp_path, 0, 0, "llava", 16, 32, num_workers=0))[:2]:
+    for batch in itertools.islice(make_loader(plan, tmp_path, 0, 0, "llava", 16, 32, num_workers=0), 2):
         for key, got in zip(batch["keys"], batch["aspect_ratio_key"][:, 0].tolist()):
             h, w = samples[key].meta["orig_size"]
             assert got == pytest.approx(float(min(ASPECT_RATIO_256, key=lambda k: abs(float(k) - h / w))))

@@ -36,8 +36,8 @@ NULL_CAPTION = "y_embedder.y_embedding"
 
 
 def source_kind(name: str) -> str:
-    """'weights' (a folder written by our trainer), 'official' (a .pth file) or 'diffusers' (a folder with a
-    diffusers config or model_index.json, or a hub id)."""
+    """'weights' (a folder written by our trainer, or a local path that does not exist), 'official' (a .pth
+    file) or 'diffusers' (a folder with a diffusers config or model_index.json, or an owner/name hub id)."""
     path = Path(name)
     if path.is_file():
         return "official"
@@ -51,10 +51,9 @@ def source_kind(name: str) -> str:
                               f"model) nor a model_index.json (a diffusers pipeline)")
     if path.suffix in (".pth", ".pt", ".bin"):
         raise TransitionError(f"init.weights: official checkpoint {path} not found")
-    if len(name.split("/")) == 2 and not name.startswith((".", "/")):
+    if len(name.split("/")) == 2 and not name.startswith((".", "/", "~")):
         return "diffusers"  # a hub id
-    raise TransitionError(f"init.weights: {name} not found (expected a weights folder, an official .pth, or a "
-                          f"diffusers model folder or hub id)")
+    return "weights"  # a missing local folder: the weights-folder checks say what is wrong
 
 
 def init_model(model: PixArt, init, pretrained) -> TransitionReport:
