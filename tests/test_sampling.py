@@ -198,22 +198,28 @@ def test_guided_denoiser_matches_separate_passes_on_all_channels(preset):
     torch.testing.assert_close(plain, c)
 
 
-def test_dpm_solver_with_guidance_matches_diffusers_pixart_pipeline():
-    """The same tiny network as a diffusers PixArtTransformer2DModel in PixArtAlphaPipeline (its guidance, its
-    learned-sigma handling, our scheduler config) from the same initial latents gives the same latents."""
+def tiny_pipeline(model: PixArt, scheduler):
+    """diffusers' PixArtAlphaPipeline around `model` (converted) with a tiny random T5 and VAE."""
     from diffusers import AutoencoderKL, PixArtAlphaPipeline
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     from training.checkpoint import to_diffusers
 
-    model = random_pixart("tiny")
     text_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                                            is_encoder_decoder=False))
     vae = AutoencoderKL(latent_channels=4, norm_num_groups=8, layers_per_block=1, block_out_channels=(8, 16, 16, 16),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     pipe = PixArtAlphaPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae,
-                               transformer=to_diffusers(model), scheduler=dpm_solver_scheduler())
+                               transformer=to_diffusers(model), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_dpm_solver_with_guidance_matches_diffusers_pixart_pipeline():
+    """The same tiny network as a diffusers PixArtTransformer2DModel in PixArtAlphaPipeline (its guidance, its
+    learned-sigma handling, our scheduler config) from the same initial latents gives the same latents."""
+    model = random_pixart("tiny")
+    pipe = tiny_pipeline(model, dpm_solver_scheduler())
     g = torch.Generator().manual_seed(5)
     B, L = 2, 16
     caption = torch.randn(B, L, 32, generator=g)
@@ -330,20 +336,10 @@ def test_sa_solver_with_a_negative_prompt_matches_diffusers_pixart_pipeline():
     """SA-Solver (diffusers' SASolverScheduler as we configure it) guided against a negative caption, side by side
     with PixArtAlphaPipeline given the same negative embeddings, initial latents and generator seed (SA-Solver
     draws noise on the way, from the generator)."""
-    from diffusers import AutoencoderKL, PixArtAlphaPipeline
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    from training.checkpoint import to_diffusers
     from training.sampling import sa_solver_scheduler
 
     model = random_pixart("tiny")
-    text_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                                           is_encoder_decoder=False))
-    vae = AutoencoderKL(latent_channels=4, norm_num_groups=8, layers_per_block=1, block_out_channels=(8, 16, 16, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    pipe = PixArtAlphaPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae,
-                               transformer=to_diffusers(model), scheduler=sa_solver_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_pipeline(model, sa_solver_scheduler())
     g = torch.Generator().manual_seed(6)
     B, L = 2, 16
     caption, negative = torch.randn(B, L, 32, generator=g), torch.randn(B, L, 32, generator=g)
