@@ -75,7 +75,7 @@ def choose_weights(checkpoint: Path, weights: str | None) -> str:
         raise ValueError(f"--weights: {weights!r} is not one of {', '.join(WEIGHT_FILES)}")
     if not (checkpoint / WEIGHT_FILES[weights]).is_file():
         raise FileNotFoundError(f"--weights {weights}: {checkpoint} has no {WEIGHT_FILES[weights]}"
-                                + (f"; export {WEIGHTS_NAME} with --weights model" if weights == "ema" else ""))
+                                + (f"; export {MODEL_NAME} with --weights model" if weights == "ema" else ""))
     return weights
 
 
