@@ -28,23 +28,33 @@ def _load(loader, name_or_path: str, what: str, setting: str, **kwargs):
         ) from None
 
 
-def load_vae(name_or_path: str = DEFAULT_VAE, setting: str = "vae", subfolder: str | None = None,
-             model_class: str = "AutoencoderKL", dtype: torch.dtype = torch.float32):
-    """A diffusers autoencoder (default class AutoencoderKL). `model_class` may name any class exported by diffusers
-    or a `module:Class` with the same encode/decode interface (the demo's weight-free codec is one)."""
+def vae_class(model_class: str = "AutoencoderKL"):
+    """A class exported by diffusers by name, or a `module:Class` with the same interface (the demo's codec)."""
     if ":" in model_class:
         import importlib
 
         module, _, attr = model_class.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-    else:
-        import diffusers
+        return getattr(importlib.import_module(module), attr)
+    import diffusers
 
-        cls = getattr(diffusers, model_class)
+    return getattr(diffusers, model_class)
+
+
+def load_vae(name_or_path: str = DEFAULT_VAE, setting: str = "vae", subfolder: str | None = None,
+             model_class: str = "AutoencoderKL", dtype: torch.dtype = torch.float32):
+    """A diffusers autoencoder of class `model_class` (see `vae_class`); common.autoencoder.Autoencoder wraps it
+    in the interface curation and training use."""
     kwargs = {"torch_dtype": dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
-    return _load(cls.from_pretrained, name_or_path, "VAE", setting, **kwargs).eval()
+    return _load(vae_class(model_class).from_pretrained, name_or_path, "VAE", setting, **kwargs).eval()
+
+
+def load_vae_config(name_or_path: str = DEFAULT_VAE, setting: str = "vae", subfolder: str | None = None,
+                    model_class: str = "AutoencoderKL") -> dict:
+    """The autoencoder's config.json as a dict, without reading its weights."""
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    return dict(_load(vae_class(model_class).load_config, name_or_path, "VAE config", setting, **kwargs))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Model stages: captioner, VAE posterior, T5 features. Each is a plain class built once per worker (a Ray actor in
+"""Model stages: captioner, autoencoder latents, T5 features. Each is a plain class built once per worker (a Ray actor in
 the pipeline) and called per batch of sample rows; the device is chosen at construction (a GPU when the worker
 has one, else CPU).
 
@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from curation.captioners.base import register_captioner
-from common.pretrained import MissingModelError, load_text_encoder, load_vae
+from common.autoencoder import Autoencoder, LatentSpace, read_latent_space
+from common.config import ConfigError
+from common.pretrained import MissingModelError, load_text_encoder
 from curation.writer import RowBatch, object_array
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,40 +43,38 @@ def load_pretrained(loader, name_or_path: str, what: str, setting: str, **kwargs
                                 f"saved with save_pretrained, or a hub id reachable from this machine.") from None
 
 
-def vae_downsample_factor(vae) -> int:
-    """Pixels per latent cell: a `downsample_factor` attribute or config entry, else 2 ** (levels - 1)."""
-    config = getattr(vae, "config", {})
-    # The config first: diffusers models answer attribute lookups of config entries with a deprecation warning.
-    factor = config.get("downsample_factor") if hasattr(config, "get") else None
-    if factor is None:
-        factor = getattr(vae, "downsample_factor", None)
-    if factor is None:
-        factor = 2 ** (len(config["block_out_channels"]) - 1)
-    return int(factor)
+def check_vae(model: str, model_class: str, subfolder: str | None, buckets: dict[str, tuple[int, int]]) -> LatentSpace:
+    """Preflight, on the driver: the autoencoder's config resolves (no weights are read) and every bucket side is a
+    whole number of latent cells. Returns its latent space, which the dataset card records."""
+    space = read_latent_space(model, model_class=model_class, subfolder=subfolder, setting="vae.model")
+    factor = space.downsample_factor
+    bad = sorted({side for hw in buckets.values() for side in hw if side % factor})
+    if bad:
+        raise ConfigError(f"buckets.multiple: bucket sides {bad[:5]} are not multiples of the autoencoder's "
+                          f"downsample factor {factor} ({model}); set buckets.multiple to a multiple of {factor}")
+    return space
 
 
 class VaeStage:
-    """Bucketed images -> VAE posterior mean and std (float16 [C, H/f, W/f]); the image column is dropped.
+    """Bucketed images -> the autoencoder's latent mean and std (float16 [C, H/f, W/f]); the image column is dropped.
 
-    Storing the posterior rather than one latent lets the trainer draw a fresh latent every epoch.
+    Any diffusers autoencoder (common.autoencoder): a KL autoencoder's posterior is stored whole, so the trainer
+    draws a fresh latent every epoch; a deterministic one (DC-AE) stores its latent with std 0.
     """
 
     def __init__(self, model: str, model_class: str = "AutoencoderKL", subfolder: str | None = None,
                  dtype: str = "float32", device: str = "auto"):
         self.device = resolve_device(device)
-        self.vae = load_vae(model, setting="vae.model", subfolder=subfolder, model_class=model_class,
-                            dtype=resolve_dtype(dtype, self.device)).to(self.device)
-        # A weight-free codec (the demo's) has no parameters to take the dtype from.
-        self.dtype = next((p.dtype for p in self.vae.parameters()), torch.float32)
-        self.factor = vae_downsample_factor(self.vae)
+        self.autoencoder = Autoencoder.from_pretrained(model, model_class=model_class, subfolder=subfolder,
+                                                       dtype=resolve_dtype(dtype, self.device),
+                                                       setting="vae.model").to(self.device)
+        self.factor = self.autoencoder.downsample_factor
 
-    @torch.inference_mode()
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B, H, W, 3] -> (mean, std) float32 numpy [B, C, H/f, W/f]."""
-        pixels = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
-        posterior = self.vae.encode(pixels).latent_dist
-        std = posterior.std if hasattr(posterior, "std") else torch.exp(0.5 * posterior.logvar)
-        return posterior.mean.float().cpu().numpy(), std.float().cpu().numpy()
+        pixels = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        mean, std = self.autoencoder.encode(pixels)
+        return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
     def __call__(self, batch: dict) -> dict:
         rows = RowBatch(batch)
@@ -96,7 +96,7 @@ class VaeStage:
                 if list(m.shape[1:]) != latent_hw:
                     rows.reject(i, "vae", f"latent {m.shape} does not match bucket/{self.factor} = {latent_hw}")
                 elif not (np.isfinite(m).all() and np.isfinite(s).all()):
-                    rows.reject(i, "vae", "VAE posterior holds NaN or inf (in float16)")
+                    rows.reject(i, "vae", "latent mean or std holds NaN or inf (in float16)")
                 else:
                     means[i], stds[i] = m, s
                     rows.metas[i]["latent_hw"] = latent_hw

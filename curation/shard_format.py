@@ -20,9 +20,6 @@ from common.durable import publish, temp_name
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-# The SD VAE latent scale: the trainer multiplies a drawn latent by this before diffusion.
-LATENT_SCALE = 0.18215
-
 SHARDS_DIR = "shards"
 MANIFEST_DIR = "manifest"
 REJECTED_DIR = "rejected"

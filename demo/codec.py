@@ -1,11 +1,11 @@
 """A latent codec that needs no learned weights, behind the Stable Diffusion VAE's interface.
 
-No pretrained VAE can be downloaded on a fresh offline machine, yet the demo must run the real pipeline: curation
-encodes images with `vae.encode(x).latent_dist`, training samples decode with `vae.decode(z / scaling_factor)`,
-and both find the VAE through `common.pretrained.load_vae(path, model_class="demo.codec:PoolingCodec")`.
-`PoolingCodec` is a diffusers `ModelMixin` + `ConfigMixin` with `AutoencoderKL`'s methods, outputs and config
-entries (`scaling_factor`, `latent_channels`, `block_out_channels` whose length gives the downsample factor the
-way diffusers pipelines compute it), so it saves and loads with save_pretrained / from_pretrained like the real one.
+No pretrained VAE can be downloaded on a fresh offline machine, yet the demo must run the real pipeline. Curation
+and training use every autoencoder through `common.autoencoder.Autoencoder`, which knows nothing of this one:
+`PoolingCodec` (`pretrained.vae_class: demo.codec:PoolingCodec`) is a diffusers `ModelMixin` + `ConfigMixin` with
+`AutoencoderKL`'s methods, outputs and config entries (`scaling_factor`, `shift_factor`, `latent_channels`,
+`block_out_channels` whose length gives the downsample factor the way diffusers pipelines compute it), so it saves
+and loads with save_pretrained / from_pretrained and is read like the real one.
 
 What it computes, per `f x f` block of pixels (f = downsample_factor, 4 by default):
 - channels 0-2: the block means of the image in YCbCr (BT.601, on [-1, 1] values): brightness and two colour
@@ -59,6 +59,7 @@ class PoolingCodec(ModelMixin, ConfigMixin):
         downsample_factor: int = 4,
         block_out_channels: Sequence[int] = (4, 4, 4),
         scaling_factor: float = SD_SCALING_FACTOR,
+        shift_factor: float | None = None,  # the latents are centred already, as the SD VAE's are
         channel_scales: Sequence[float] = _DEFAULT_SCALES,
         decode_iterations: int = 1,
         force_upcast: bool = False,

@@ -348,10 +348,11 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
     """Held-out prompts -> samples -> grades. Writes folder/*.png and returns per-sample grades and accuracy."""
     import torch
 
-    from common.pretrained import load_text_encoder, load_vae
+    from common.pretrained import load_text_encoder
     from demo import evaluator
     from demo.scenes import dense_caption, held_out_scenes
     from training.grid import image_grid, save_png
+    from training.sample import load_autoencoder
     from training.sampling import generate_images
     from training.weights import has_ema, load_model, read_pipeline_info
 
@@ -359,7 +360,7 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
     model, used_ema = load_model(weights, ema=e.use_ema and has_ema(weights))
     # The codec, T5 and prediction type the trainer recorded, read as training.sample reads them.
     info = read_pipeline_info(weights)
-    codec = load_vae(info.vae, model_class=info.vae_class, subfolder=info.vae_subfolder)
+    codec = load_autoencoder(info, in_channels=model.config.in_channels)
     text_encoder = load_text_encoder(info.text_encoder)
     scenes = [scene for scene in held_out_scenes() for _ in range(e.samples_per_prompt)]
     prompts = [dense_caption(scene) for scene in scenes]
@@ -367,7 +368,7 @@ def evaluate(config: DemoConfig, out: Path, weights: Path, folder: Path, title: 
         images = generate_images(model, codec, text_encoder, prompts, height=config.resolution,
                                  width=config.resolution, sampler=e.sampler, steps=e.steps,
                                  guidance_scale=e.guidance_scale, seed=e.seed, batch_size=len(prompts), progress=True,
-                                 scaling_factor=info.scaling_factor, prediction_type=info.prediction_type)
+                                 prediction_type=info.prediction_type)
     samples, grades = [], []
     for i, (image, scene, prompt) in enumerate(zip(images, scenes, prompts)):
         file = folder / f"{i // e.samples_per_prompt:02d}_{i % e.samples_per_prompt}.png"

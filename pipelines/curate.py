@@ -28,7 +28,7 @@ from curation.dedup import Candidate, find_duplicates
 from curation.filters import FilterConfig, ScreenStage
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, T5_MAX_LENGTH
 from curation.failures import IsolatedStage, clear_failed, read_failed
-from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE, iter_shard
+from curation.shard_format import CAPTION_NAME_PATTERN
 from curation.sources import SourceConfig, WorkUnit, build_source
 from curation.writer import (PLAN_SCHEMA, SCREEN_SCHEMA, DatasetLayout, IncompleteUnitError, UnitWriter, commit_unit,
                              finalize, plot_card, read_plan, remove_staging, try_commit, write_parquet)
@@ -333,16 +333,16 @@ def run_encode(layout: DatasetLayout, source, units: list[WorkUnit], todo: dict[
 
 
 def _card_info(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfig) -> dict:
-    """Card fields beyond the counts: models, and what only a written sample tells (latent channels, captions)."""
+    """Card fields beyond the counts: models, the autoencoder's latent space, and the captions written."""
     import pyarrow.parquet as pq
 
+    from curation.encoders import check_vae
+
     t5 = config.t5 if config.t5 is not None and config.t5.captions else None
-    vae = {"model": config.vae.model, "model_class": config.vae.model_class, "scaling_factor": LATENT_SCALE}
-    first = next((layout.shard(u.id) for u in units if layout.shard(u.id).is_file()), None)
-    if first is not None:
-        sample = next(iter(iter_shard(first)))
-        vae.update(latent_channels=int(sample.latent_mean.shape[0]),
-                   downsample_factor=int(sample.meta["bucket"][0] // sample.latent_mean.shape[1]))
+    v = config.vae
+    # The autoencoder's latent space, from its config: the trainer normalizes the stored latents with it.
+    vae = {"model": v.model, "model_class": v.model_class, "subfolder": v.subfolder,
+           **check_vae(v.model, v.model_class, v.subfolder, config.buckets.table()).to_card()}
     names = {n for u in units for n in pq.read_schema(layout.manifest_part(u.id)).names}
     return {"captions": sorted(n[len("caption_"):] for n in names if n.startswith("caption_")),
             "encoded_captions": list(t5.captions) if t5 else [],
@@ -356,7 +356,10 @@ def preflight(config: CurateConfig) -> tuple[DatasetLayout, object, list[WorkUni
     source lists, the cluster fits the stages. Raises ConfigError (one line per problem) before job.json exists."""
     from pipelines.ray_cluster import init_ray
 
+    from curation.encoders import check_vae
+
     resolve_models(model_needs(config))
+    check_vae(config.vae.model, config.vae.model_class, config.vae.subfolder, config.buckets.table())
     check_output_location("output", config.output)
     layout = DatasetLayout(config.output)
     source = build_source(config.source)

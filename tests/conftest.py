@@ -55,6 +55,50 @@ def save_tiny_vae(folder: Path) -> Path:
     return folder
 
 
+# Tiny random-init autoencoders of each kind the system supports, with the real models' latent layout:
+# SD's KL VAE (4 channels, 8x), SD3's / FLUX's shifted KL VAE (16 channels, 8x, shift_factor) and Sana's DC-AE
+# (32 channels, 32x, deterministic encoder). Scaling and shift factors are the real models'.
+AUTOENCODER_KINDS = ("kl", "kl-shift", "dc")
+
+
+def save_tiny_autoencoder(folder: Path, kind: str) -> Path:
+    import torch
+    from diffusers import AutoencoderDC, AutoencoderKL
+
+    if kind == "kl":
+        return save_tiny_vae(folder)
+    torch.manual_seed(0)
+    if kind == "kl-shift":  # stabilityai/stable-diffusion-3-medium-diffusers, subfolder vae
+        model = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8, layers_per_block=1,
+            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, scaling_factor=1.5305, shift_factor=0.0609,
+            use_quant_conv=False, use_post_quant_conv=False)
+    elif kind == "dc":  # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers, at toy width and depth
+        levels = 6
+        model = AutoencoderDC(
+            in_channels=3, latent_channels=32, attention_head_dim=8,
+            encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+            decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+            encoder_block_out_channels=(8, 16, 16, 16, 32, 32), decoder_block_out_channels=(8, 16, 16, 16, 32, 32),
+            encoder_layers_per_block=(1,) * levels, decoder_layers_per_block=(1,) * levels,
+            encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3, decoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+            upsample_block_type="interpolate", downsample_block_type="Conv",
+            decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3, decoder_act_fns=("relu",) * 3 + ("silu",) * 3,
+            scaling_factor=0.41407)
+    else:
+        raise ValueError(f"unknown autoencoder kind {kind!r}; one of {AUTOENCODER_KINDS}")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder_dirs(tmp_path_factory, tiny_vae_dir) -> dict[str, Path]:
+    dirs = {kind: save_tiny_autoencoder(tmp_path_factory.mktemp(f"tiny_{kind}"), kind)
+            for kind in AUTOENCODER_KINDS if kind != "kl"}
+    return {"kl": tiny_vae_dir, **dirs}
+
+
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> Path:
     return save_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from curation.shard_format import LATENT_SCALE, SHARDS_DIR
+from common.autoencoder import SD_VAE_SPACE, LatentSpace
+from curation.shard_format import SHARDS_DIR
 from tests.shard_fixtures import FixtureSpec, write_dataset
 from training.data import BatchPlan, DataError, ShardBatches, ShardReader, draw_latents, make_loader
 
@@ -93,11 +94,18 @@ def test_fresh_latent_is_drawn_from_mean_and_std(text_data):
     root, _ = text_data
     plan = BatchPlan.from_dataset(root, "llava", 4, world_size=1, seed=0)
     batch = stream(plan, root, 0, 0, 1)[0]
-    z1 = draw_latents(batch, torch.Generator().manual_seed(7), LATENT_SCALE)
+    z1 = draw_latents(batch, torch.Generator().manual_seed(7), SD_VAE_SPACE)
     eps = torch.randn(batch["latent_mean"].shape, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(z1, (batch["latent_mean"] + batch["latent_std"] * eps) * 0.18215)
-    z2 = draw_latents(batch, torch.Generator().manual_seed(8), LATENT_SCALE)
+    z2 = draw_latents(batch, torch.Generator().manual_seed(8), SD_VAE_SPACE)
     assert not torch.equal(z1, z2)  # a fresh draw every step
+    # SD3's VAE: shifted, then scaled, as diffusers' SD3 pipeline does; a deterministic encoder (std 0) is its mean.
+    sd3 = LatentSpace(channels=4, downsample_factor=8, scaling_factor=1.5305, shift_factor=0.0609)
+    z3 = draw_latents(batch, torch.Generator().manual_seed(7), sd3)
+    torch.testing.assert_close(z3, (batch["latent_mean"] + batch["latent_std"] * eps - 0.0609) * 1.5305)
+    point = {**batch, "latent_std": torch.zeros_like(batch["latent_std"])}
+    torch.testing.assert_close(draw_latents(point, torch.Generator().manual_seed(9), sd3),
+                               (batch["latent_mean"] - 0.0609) * 1.5305)
 
 
 def test_class_labels(tmp_path):

@@ -11,7 +11,8 @@ from demo.codec import SD_SCALING_FACTOR, PoolingCodec
 from common.pretrained import load_vae
 from demo import evaluator
 from demo.scenes import SceneSampler, held_out_scenes, render
-from training.sampling import decode_latents, vae_downsample_factor
+from common.autoencoder import Autoencoder
+from training.sampling import decode_latents
 
 
 def _pixels(images) -> torch.Tensor:
@@ -59,7 +60,7 @@ def test_round_trip_is_read_back_by_the_evaluator(codec_dir, scenes_and_pixels):
     codec = load_vae(str(codec_dir), model_class="demo.codec:PoolingCodec")
     assert isinstance(codec, PoolingCodec)
     latents = codec.encode(pixels).latent_dist.mean * SD_SCALING_FACTOR
-    decoded = decode_latents(codec, latents, batch_size=64)  # the samplers' decode path
+    decoded = decode_latents(Autoencoder(codec), latents, batch_size=64)  # the samplers' decode path
     graded = [evaluator.score(image, scene) for image, scene in zip(decoded, scenes)]
     everything = evaluator.accuracy([s for scores in graded for s in scores])
     # Colour and position survive exactly; a rare small shape (3 latent pixels across) may blur past recognition.
@@ -71,7 +72,7 @@ def test_round_trip_is_read_back_by_the_evaluator(codec_dir, scenes_and_pixels):
     # At 128 px every object comes back.
     big = SceneSampler(seed=22).scenes(60)
     pixels128 = _pixels([render(s, 128) for s in big])
-    decoded128 = decode_latents(codec, codec.encode(pixels128).latent_dist.mean * SD_SCALING_FACTOR, batch_size=60)
+    decoded128 = decode_latents(Autoencoder(codec), codec.encode(pixels128).latent_dist.mean * SD_SCALING_FACTOR, batch_size=60)
     assert evaluator.accuracy([s for im, sc in zip(decoded128, big) for s in evaluator.score(im, sc)])["all"] == 1.0
 
 
@@ -115,8 +116,10 @@ def test_scaled_latents_have_unit_variance(codec_dir):
 
 def test_autoencoder_kl_interface(codec_dir):
     codec = PoolingCodec.from_pretrained(codec_dir)
-    assert vae_downsample_factor(codec) == codec.config.downsample_factor == 4
-    assert codec.config.latent_channels == 4 and codec.config.scaling_factor == SD_SCALING_FACTOR
+    # What common.autoencoder reads from the config, as from any diffusers autoencoder's.
+    space = Autoencoder(codec).space
+    assert (space.downsample_factor, space.channels) == (codec.config.downsample_factor, 4) == (4, 4)
+    assert (space.scaling_factor, space.shift_factor) == (SD_SCALING_FACTOR, 0.0)
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     posterior = codec.encode(x).latent_dist
     assert posterior.std.abs().max() == 0 and torch.equal(posterior.sample(), posterior.mean)

@@ -1,11 +1,10 @@
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from curation.encoders import CaptionStage, T5Stage, VaeStage, vae_downsample_factor
+from curation.encoders import CaptionStage, T5Stage, VaeStage
 from common.pretrained import MissingModelError
 from curation.writer import sample_row
 from common.config import validate_config
@@ -49,12 +48,6 @@ def test_vae_stage_matches_diffusers_encode(tiny_vae_dir):
         np.testing.assert_allclose(std, posterior.std[0].numpy(), rtol=2e-3, atol=2e-3)
         bucket = json.loads(row["meta"])["bucket"]
         assert json.loads(out["meta"][i])["latent_hw"] == [bucket[0] // 8, bucket[1] // 8] == list(mean.shape[1:])
-
-
-def test_vae_downsample_factor_rules():
-    assert vae_downsample_factor(SimpleNamespace(config={"block_out_channels": [8, 16, 16, 16]})) == 8
-    assert vae_downsample_factor(SimpleNamespace(config={"block_out_channels": [8, 16], "downsample_factor": 4})) == 4
-    assert vae_downsample_factor(SimpleNamespace(downsample_factor=4, config={})) == 4
 
 
 def test_vae_stage_rejects_buckets_the_vae_cannot_divide(tiny_vae_dir):

@@ -82,7 +82,8 @@ def test_the_model_config_chooses_key_or_height_over_width():
 
 
 def test_sampling_feeds_the_bucket_key(tiny_vae_dir, tiny_t5_dir):
-    from common.pretrained import load_text_encoder, load_vae
+    from common.autoencoder import Autoencoder
+    from common.pretrained import load_text_encoder
     from training.sampling import generate_images
 
     seen = []
@@ -90,7 +91,7 @@ def test_sampling_feeds_the_bucket_key(tiny_vae_dir, tiny_t5_dir):
         model = PixArt(dataclasses.replace(PRESETS["tiny-MS"], aspect_ratio_input=mode)).eval()
         model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["aspect_ratio"]) or None,
                                         with_kwargs=True)
-        generate_images(model, load_vae(str(tiny_vae_dir)), load_text_encoder(str(tiny_t5_dir)), ["x"],
+        generate_images(model, Autoencoder.from_pretrained(str(tiny_vae_dir)), load_text_encoder(str(tiny_t5_dir)), ["x"],
                         height=32, width=48, steps=1, guidance_scale=1.0)
         assert seen[-1].flatten().tolist() == pytest.approx([want])
 

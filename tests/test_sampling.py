@@ -266,9 +266,10 @@ def test_sample_restores_train_mode_and_rejects_bad_arguments():
 
 @pytest.fixture(scope="module")
 def tiny_parts(tiny_t5_dir, tiny_vae_dir):
-    from common.pretrained import load_text_encoder, load_vae
+    from common.autoencoder import Autoencoder
+    from common.pretrained import load_text_encoder
 
-    return load_vae(str(tiny_vae_dir)), load_text_encoder(str(tiny_t5_dir))
+    return Autoencoder.from_pretrained(str(tiny_vae_dir)), load_text_encoder(str(tiny_t5_dir))
 
 
 def test_generate_images_text_to_image(tiny_parts):

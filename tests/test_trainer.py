@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from curation.shard_format import SHARDS_DIR
 from common.config import ConfigError
 from tests.shard_fixtures import FixtureSpec, write_dataset
+from common.autoencoder import SD_VAE_SPACE
 from training.data import BatchPlan, draw_latents
 from training.diffusion import GaussianDiffusion
 from training.launch import deepspeed_command, launch, plan_substages
@@ -297,7 +298,7 @@ def test_two_processes_zero2_match_a_hand_computed_update(data_root, tmp_path):
         batch = ShardBatches(plan, data_root, rank, 0, "llava", 16, 32).load(0)
         generator = torch.Generator().manual_seed(rank)
         torch.manual_seed(rank + 1)
-        x0 = draw_latents(batch, generator, 0.18215)
+        x0 = draw_latents(batch, generator, SD_VAE_SPACE)
         t = diffusion.sample_timesteps(len(rows), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         model.zero_grad()

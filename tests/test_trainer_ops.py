@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.autoencoder import SD_VAE_SPACE
 from tests.shard_fixtures import FixtureSpec, write_dataset
 from tests.test_trainer import ROOT, base_config, write_yaml
 from training.data import BatchPlan, ShardBatches, draw_latents
@@ -50,7 +51,7 @@ def test_gradient_accumulation_equals_the_update_of_the_large_batch(data_root, t
     parts = []
     for position in (0, 1):  # what the trainer draws, micro-batch by micro-batch
         batch = ShardBatches(plan, data_root, 0, 0, "llava", 16, 32).load(position)
-        x0 = draw_latents(batch, generator, 0.18215)
+        x0 = draw_latents(batch, generator, SD_VAE_SPACE)
         t = diffusion.sample_timesteps(len(x0), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         parts.append((x0, t, noise, batch["caption"], batch["caption_mask"]))

@@ -21,7 +21,7 @@ features for the chosen caption, no class label, a missing tar) are left out of 
 `BatchPlan.excluded`.
 
 A batch is a dict of CPU tensors holding one bucket:
-    latent_mean, latent_std  float32 [B, C, h, w]  the VAE posterior; the trainer draws z = (mean + std * eps) * 0.18215
+    latent_mean, latent_std  float32 [B, C, h, w]  the autoencoder's latent distribution (draw_latents)
     caption, caption_mask    float32 [B, L, D], bool [B, L]  T5 features zero-padded to L tokens (text data)
     class_labels             long [B]  (class-conditional data)
     resolution, aspect_ratio float32 [B, 2] original (h, w) in pixels, [B, 1] bucket h / w (micro-conditions)
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.autoencoder import LatentSpace
 from curation.shard_format import (
     MEAN_EXT, META_EXT, STD_EXT, SUPPORTED_VERSIONS, T5_PREFIX, ShardFormatError, aspect_ratio_key, decode_sample,
     read_manifest,
@@ -442,8 +443,10 @@ class ShardLoader:
             iterator._shutdown_workers()
 
 
-def draw_latents(batch: dict, generator: torch.Generator | None, scale: float, device: torch.device | str = "cpu"):
-    """A fresh latent from the stored posterior: z = (mean + std * eps) * scale, eps ~ N(0, I) from `generator`."""
+def draw_latents(batch: dict, generator: torch.Generator | None, space: LatentSpace,
+                 device: torch.device | str = "cpu"):
+    """A fresh diffusion latent from the stored distribution: space.normalize(mean + std * eps), eps ~ N(0, I) from
+    `generator` (a deterministic encoder's std is 0: its latent, normalized)."""
     mean, std = batch["latent_mean"], batch["latent_std"]
     eps = torch.randn(mean.shape, generator=generator, device=generator.device if generator is not None else "cpu")
-    return ((mean.to(eps.device) + std.to(eps.device) * eps) * scale).to(device)
+    return space.normalize(mean.to(eps.device) + std.to(eps.device) * eps).to(device)

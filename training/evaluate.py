@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
     images = sample_prompts(lambda chunk: generate_images(
         parts.model, parts.vae, parts.text_encoder, chunk, height=parts.height, width=parts.width,
         sampler=args.sampler, steps=parts.steps, guidance_scale=args.cfg_scale, generator=generator,
-        scaling_factor=parts.info.scaling_factor, batch_size=args.batch_size,
+        batch_size=args.batch_size,
         prediction_type=parts.info.prediction_type, negative_prompt=args.negative_prompt), expanded, args.batch_size)
     result = score(metrics, images, expanded)
     out = Path(args.out)
@@ -275,8 +275,9 @@ class HeldOutEvaluation:
     model stops it before training): the reference features, CLIP, the VAE, and the prompts' T5 features (the
     encoder is freed afterwards)."""
 
-    def __init__(self, config, model_config, device: torch.device, dtype: torch.dtype):
-        from common.pretrained import load_text_encoder, load_vae
+    def __init__(self, config, model_config, latent_space, device: torch.device, dtype: torch.dtype):
+        from common.autoencoder import Autoencoder
+        from common.pretrained import load_text_encoder
         from training.model import PixArt
         from training.sample import read_prompt_file
 
@@ -286,8 +287,10 @@ class HeldOutEvaluation:
         self.metrics = build_metrics(read_reference(section.reference), section.fid_features,
                                      section.inception_weights, section.clip_model, section.fid_size,
                                      progress=False)
-        self.vae = load_vae(pre.vae, setting="pretrained.vae", subfolder=pre.vae_subfolder,
-                            model_class=pre.vae_class).to(device)
+        # Decodes in the data's latent space, as the sample grids do (training.sample_grids).
+        self.vae = Autoencoder.from_pretrained(pre.vae, model_class=pre.vae_class, subfolder=pre.vae_subfolder,
+                                               setting="pretrained.vae", scaling_factor=latent_space.scaling_factor,
+                                               shift_factor=latent_space.shift_factor).to(device)
         encoder = load_text_encoder(pre.text_encoder, setting="pretrained.text_encoder",
                                     max_length=model_config.caption_length, dtype=dtype)
         encoder.model.to(device)
@@ -307,7 +310,7 @@ class HeldOutEvaluation:
         generator = torch.Generator("cpu").manual_seed(s.seed)  # the same noise at every evaluation
         images = sample_prompts(lambda chunk: generate_images(
             self.model, self.vae, FixedPrompts(*self.encoded), chunk, sampler=s.sampler, steps=s.steps,
-            guidance_scale=s.guidance_scale, generator=generator, scaling_factor=self.config.pretrained.scaling_factor,
+            guidance_scale=s.guidance_scale, generator=generator,
             prediction_type=self.config.diffusion.prediction_type), self.prompts, 8, progress=False)
         result = score(self.metrics, images, self.prompts)
         result.pop("clip_per_image", None)

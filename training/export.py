@@ -27,7 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
+from common.autoencoder import Autoencoder
+from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
 from training import cli
 from training.checkpoint import to_diffusers
 from training.model import PixArt, StateDictMismatchError
@@ -46,10 +47,11 @@ class ExportSources:
 
     vae: str
     vae_class: str
-    scaling_factor: float | None
+    scaling_factor: float | None  # the latent space trained in (pipeline.json's); None: the VAE config's
     text_encoder: str
     prediction_type: str = "epsilon"
     vae_subfolder: str | None = None
+    shift_factor: float | None = None
 
 
 def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | None = None) -> ExportSources:
@@ -64,6 +66,7 @@ def read_sources(checkpoint: Path, vae: str | None = None, text_encoder: str | N
         text_encoder=text_encoder or info.text_encoder or DEFAULT_T5,
         prediction_type=info.prediction_type,
         vae_subfolder=None if vae else info.vae_subfolder,
+        shift_factor=info.vae_shift_factor if recorded is not None else None,
     )
 
 
@@ -97,27 +100,43 @@ def pipeline_call(model: PixArt, vae_factor: int) -> str:
     return f"pipe({', '.join(args)})"
 
 
+def pixart_pipeline_refusal(vae: Autoencoder) -> str | None:
+    """Why PixArtAlphaPipeline cannot decode this model's latents, or None. The pipeline declares an AutoencoderKL,
+    sizes latents by 2 ** (len(vae.config.block_out_channels) - 1) and decodes vae.decode(latents / scaling_factor):
+    it has no shift."""
+    from diffusers import AutoencoderKL
+
+    if type(vae.model) is not AutoencoderKL:
+        return (f"PixArtAlphaPipeline takes an AutoencoderKL; this model was trained on {type(vae.model).__name__} "
+                f"latents (sample with python -m training.sample instead)")
+    if vae.shift_factor:
+        return (f"PixArtAlphaPipeline decodes latents / scaling_factor without a shift; this model's latents have "
+                f"shift_factor {vae.shift_factor} (sample with python -m training.sample instead)")
+    return None
+
+
 def build_pipeline(model: PixArt, sources: ExportSources):
     """A PixArtAlphaPipeline around `model` (converted to PixArtTransformer2DModel) and the named VAE and T5."""
     from diffusers import PixArtAlphaPipeline
 
     cfg = model.config
-    if sources.vae_class != "AutoencoderKL":
-        raise ValueError(f"vae_class={sources.vae_class!r}: PixArtAlphaPipeline needs a diffusers AutoencoderKL; "
-                         f"pass --vae with one")
-    vae = load_vae(sources.vae, setting="--vae (or 'vae' in pipeline.json)", subfolder=sources.vae_subfolder)
-    if vae.config.latent_channels != cfg.in_channels:
-        raise ValueError(f"--vae {sources.vae}: {vae.config.latent_channels} latent channels, the model expects "
+    vae = Autoencoder.from_pretrained(sources.vae, model_class=sources.vae_class, subfolder=sources.vae_subfolder,
+                                      setting="--vae (or 'vae' in pipeline.json)",
+                                      scaling_factor=sources.scaling_factor, shift_factor=sources.shift_factor)
+    refusal = pixart_pipeline_refusal(vae)
+    if refusal:
+        raise ValueError(f"--vae: {refusal}")
+    if vae.latent_channels != cfg.in_channels:
+        raise ValueError(f"--vae {sources.vae}: {vae.latent_channels} latent channels, the model expects "
                          f"{cfg.in_channels}")
-    if sources.scaling_factor is not None and sources.scaling_factor != vae.config.scaling_factor:
-        # The latents were scaled with pipeline.json's factor during training; the pipeline must unscale with it.
-        vae.register_to_config(scaling_factor=float(sources.scaling_factor))
+    # The latents were scaled with pipeline.json's factor during training; the pipeline must unscale with it.
+    vae.model.register_to_config(scaling_factor=vae.scaling_factor)
     text = load_text_encoder(sources.text_encoder, setting="--text-encoder (or 'text_encoder' in pipeline.json)")
     if text.width != cfg.caption_channels:
         raise ValueError(f"--text-encoder {sources.text_encoder}: {text.width}-wide features, the model expects "
                          f"caption_channels={cfg.caption_channels}")
     transformer = to_diffusers(model.float(), sample_size=declared_sample_size(model))
-    return PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.model, vae=vae, transformer=transformer,
+    return PixArtAlphaPipeline(tokenizer=text.tokenizer, text_encoder=text.model, vae=vae.model, transformer=transformer,
                                scheduler=dpm_solver_scheduler(prediction_type=sources.prediction_type))
 
 

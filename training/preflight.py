@@ -110,6 +110,12 @@ def _check_resolution(config: TrainConfig, model: PixArtConfig, plan: BatchPlan,
             f"input_size to about {round(side)}, or train on data curated for this resolution")
     report.checks.append(f"resolution: buckets about {side:.0f}x{side:.0f} latents for input_size "
                          f"{model.input_size}")
+    # A 32x autoencoder (DC-AE) makes odd latent sides easy to get: 512 px buckets are multiples of 32 pixels.
+    broken = [f"{h}x{w}" for h, w in sizes if h % model.patch_size or w % model.patch_size]
+    if broken:
+        raise PreflightError(f"data.root: latents of {', '.join(broken[:3])} are not whole patches "
+                             f"(model patch_size {model.patch_size}); curate with buckets.multiple a multiple of "
+                             f"{model.patch_size} x the autoencoder's downsample factor")
     expected = expected_pe_interpolation(model.input_size)
     if model.pe_interpolation != expected:
         report.warn(f"model.overrides.pe_interpolation: {model.pe_interpolation} at input_size {model.input_size}; "
@@ -147,9 +153,11 @@ def _check_pretrained(config: TrainConfig, model: PixArtConfig, report: Prefligh
     for setting, ours, theirs in (("pretrained.vae", pre.vae, vae_card.get("model")),
                                   ("pretrained.vae_class", pre.vae_class, vae_card.get("model_class")),
                                   ("pretrained.scaling_factor", pre.scaling_factor, vae_card.get("scaling_factor")),
+                                  ("pretrained.shift_factor", pre.shift_factor, vae_card.get("shift_factor")),
                                   ("pretrained.text_encoder", pre.text_encoder, t5_card.get("model"))):
-        # A hub id and a local copy of it legitimately differ, so this is a warning.
-        if theirs is not None and theirs != ours:
+        # A hub id and a local copy of it legitimately differ, so this is a warning; factors left null are the
+        # card's.
+        if theirs is not None and ours is not None and theirs != ours:
             report.warn(f"{setting} is {ours!r} but {card_file.parent} was encoded with {theirs!r}")
 
 

@@ -22,15 +22,36 @@ from pathlib import Path
 
 import torch
 
-from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder, load_vae
+from common.autoencoder import Autoencoder
+from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
 from training.grid import image_grid, save_png
 from training import cli
 from training.model import PixArt, StateDictMismatchError
-from training.sampling import check_image_size, check_sampler_args, generate_images, vae_downsample_factor
+from training.sampling import check_image_size, check_sampler_args, generate_images
 # The weights folder's contract lives in training.weights; these names are the sampler's public interface.
 from training.weights import PIPELINE_NAME, PipelineInfo, locate, read_pipeline_info
 from training.weights import write_pipeline_info  # noqa: F401
 from training.weights import load_model as load_weights
+
+
+def load_autoencoder(info: PipelineInfo | None, name_or_path: str | None = None, subfolder: str | None = None,
+                     model_class: str | None = None, in_channels: int | None = None, setting: str = "vae",
+                     dtype: torch.dtype = torch.float32) -> Autoencoder:
+    """The autoencoder pipeline.json names (or the one given), decoding in the latent space the model was trained
+    in: pipeline.json's factors (without a pipeline.json, the autoencoder config's). Its latent channels must be
+    the model's `in_channels`."""
+    recorded = info is not None
+    info = info or PipelineInfo()
+    vae = Autoencoder.from_pretrained(name_or_path or info.vae, model_class=model_class or info.vae_class,
+                                      subfolder=subfolder if name_or_path else (subfolder or info.vae_subfolder),
+                                      dtype=dtype, setting=setting,
+                                      scaling_factor=info.scaling_factor if recorded else None,
+                                      shift_factor=info.vae_shift_factor if recorded else None)
+    for expected in (in_channels, info.latent_channels):
+        if expected is not None and vae.latent_channels != expected:
+            raise ValueError(f"{setting}: {name_or_path or info.vae} has {vae.latent_channels} latent channels, the "
+                             f"model takes {expected}")
+    return vae
 
 
 def _slug(text: str, limit: int = 48) -> str:
@@ -114,12 +135,11 @@ def load_parts(args: argparse.Namespace) -> Parts:
     if info is None:
         print(f"{located.folder} has no {PIPELINE_NAME}; using the defaults unless flags say otherwise",
               file=sys.stderr)
-        info = PipelineInfo()
-    vae_id = args.vae or info.vae
-    subfolder = args.vae_subfolder if args.vae else (args.vae_subfolder or info.vae_subfolder)
-    vae = load_vae(vae_id, setting="--vae", subfolder=subfolder, model_class=args.vae_class or info.vae_class,
-                   dtype=dtype).to(args.device)
-    factor = vae_downsample_factor(vae)
+    vae_id = args.vae or (info or PipelineInfo()).vae
+    vae = load_autoencoder(info, args.vae, args.vae_subfolder, args.vae_class, cfg.in_channels, "--vae",
+                           dtype).to(args.device)
+    info = info or PipelineInfo()
+    factor = vae.downsample_factor
     height = args.height if args.height is not None else cfg.input_size * factor
     width = args.width if args.width is not None else cfg.input_size * factor
     check_image_size(height, width, factor, cfg.patch_size)  # before the (large) text encoder loads
@@ -156,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     images = generate_images(
         model, vae, text_encoder, prompts=prompts or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
-        seed=args.seed, scaling_factor=info.scaling_factor, batch_size=args.batch_size, progress=True,
+        seed=args.seed, batch_size=args.batch_size, progress=True,
         prediction_type=info.prediction_type, negative_prompt=args.negative_prompt,
         images_per_prompt=args.images_per_prompt,
     )
@@ -171,7 +191,8 @@ def run(args: argparse.Namespace) -> dict:
     save_png(image_grid(images, captions=labels), out / "grid.png")
     record = {
         "checkpoint": str(parts.folder.resolve()), "ema": used_ema, "vae": vae_id,
-        "text_encoder": encoder_id, "scaling_factor": info.scaling_factor, "sampler": args.sampler, "steps": steps,
+        "text_encoder": encoder_id, "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
+        "sampler": args.sampler, "steps": steps,
         "cfg_scale": args.cfg_scale, "negative_prompt": args.negative_prompt, "seed": args.seed,
         "images_per_prompt": args.images_per_prompt, "height": height, "width": width, "dtype": args.dtype,
         "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from common.autoencoder import Autoencoder, LatentSpace
+from common.config import ConfigError
 from training.model import PixArt
 from training.train_config import TrainConfig
 
@@ -14,13 +16,19 @@ class SampleGrids:
     the VAE named in the config, the fixed prompts' T5 features (the encoder itself is freed, T5-XXL is large),
     and a PixArt to load the weights into."""
 
-    def __init__(self, config: TrainConfig, model_config, device: torch.device, dtype: torch.dtype):
-        from common.pretrained import load_text_encoder, load_vae
+    def __init__(self, config: TrainConfig, model_config, latent_space: LatentSpace, device: torch.device,
+                 dtype: torch.dtype):
+        from common.pretrained import load_text_encoder
 
         self.config, self.model_config, self.device = config, model_config, device
         pre = config.pretrained
-        self.vae = load_vae(pre.vae, setting="pretrained.vae", subfolder=pre.vae_subfolder,
-                            model_class=pre.vae_class).to(device)
+        # Decodes in the data's latent space: the dataset card's factors, whatever the VAE's config says.
+        self.vae = Autoencoder.from_pretrained(pre.vae, model_class=pre.vae_class, subfolder=pre.vae_subfolder,
+                                               setting="pretrained.vae", scaling_factor=latent_space.scaling_factor,
+                                               shift_factor=latent_space.shift_factor).to(device)
+        if self.vae.space != latent_space:
+            raise ConfigError(f"pretrained.vae: {pre.vae} has the latent space {self.vae.space}, the data's is "
+                              f"{latent_space}")
         self.prompts = None
         if model_config.text_conditioned:
             encoder = load_text_encoder(pre.text_encoder, setting="pretrained.text_encoder",
@@ -46,7 +54,7 @@ class SampleGrids:
         images = generate_images(self.model, self.vae, self.prompts, cfg.prompts if text else None,
                                  class_labels=None if text else cfg.class_labels, height=height, width=width,
                                  sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                 seed=cfg.seed, scaling_factor=self.config.pretrained.scaling_factor,
+                                 seed=cfg.seed,
                                  prediction_type=self.config.diffusion.prediction_type)
         captions = cfg.prompts if text else [f"class {c}" for c in cfg.class_labels]
         grid = image_grid(images, captions=captions)

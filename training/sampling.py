@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.autoencoder import Autoencoder
 from training.diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, GaussianDiffusion
 
 DEFAULT_STEPS = {"dpm++": 20, "sa-solver": 25, "iddpm": 100}  # the paper's step counts
@@ -225,11 +226,6 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
 # -- text to image ---------------------------------------------------------------------------------------------------
 
 
-def vae_downsample_factor(vae) -> int:
-    """Pixels per latent cell: each VAE block but the last halves the resolution."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def check_image_size(height: int, width: int, vae_factor: int, patch_size: int) -> None:
     """Image sides must map to whole latent patches; errors name the side."""
     multiple = vae_factor * patch_size
@@ -240,33 +236,30 @@ def check_image_size(height: int, width: int, vae_factor: int, patch_size: int) 
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, scaling_factor: float | None = None,
-                   batch_size: int = 4) -> list[Image.Image]:
-    """Scaled latents -> RGB PIL images, decoded a few at a time to bound memory."""
-    scaling_factor = scaling_factor or getattr(vae.config, "scaling_factor", None) or 0.18215
-    vae_dtype, vae_device = _model_dtype_device(vae)
+def decode_latents(vae: Autoencoder, latents: torch.Tensor, batch_size: int = 4) -> list[Image.Image]:
+    """Diffusion latents -> RGB PIL images through the autoencoder's latent space, a few at a time to bound memory."""
     images = []
     for chunk in latents.split(batch_size):
-        decoded = vae.decode(chunk.to(device=vae_device, dtype=vae_dtype) / scaling_factor)
-        pixels = decoded.sample if hasattr(decoded, "sample") else decoded[0]
+        pixels = vae.decode(vae.space.denormalize(chunk.float()))
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         images += [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
     return images
 
 
-def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None = None, *,
+def generate_images(model, vae: Autoencoder, text_encoder=None, prompts: Sequence[str] | None = None, *,
                     class_labels: Sequence[int] | None = None, height: int | None = None, width: int | None = None,
                     sampler: str = "dpm++", steps: int | None = None,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int | None = 0,
-                    generator: torch.Generator | None = None, scaling_factor: float | None = None,
-                    batch_size: int = 4, progress: bool = False,
+                    generator: torch.Generator | None = None, batch_size: int = 4, progress: bool = False,
                     prediction_type: str = "epsilon", negative_prompt: str | None = None,
                     images_per_prompt: int = 1) -> list[Image.Image]:
     """`images_per_prompt` images per prompt (text models, `text_encoder` a common.pretrained.TextEncoder) or
-    per class label (class-conditional models), in prompt order (all of a prompt's images together).
-    A `negative_prompt` is guided against instead of the model's null caption. Height and width default to the model's native size; micro-conditions
-    (resolution = (height, width), and the aspect ratio as config.aspect_ratio says: by default the official ratio
-    key nearest to height / width) are passed when the model takes them.
+    per class label (class-conditional models), in prompt order (all of a prompt's images together), decoded by
+    `vae` (a common.autoencoder.Autoencoder carrying the latent space the model was trained in). A
+    `negative_prompt` is guided against instead of the model's null caption. Height and width default to the
+    model's native size; micro-conditions (resolution = (height, width), and the aspect ratio as
+    config.aspect_ratio says: by default the official ratio key nearest to height / width) are passed when the
+    model takes them.
 
     A `seed` (or an explicit `generator`) makes the result reproducible; the prompts are sampled `batch_size` at
     a time from one random stream, so a prompt's image depends on its position in the list.
@@ -305,7 +298,7 @@ def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     steps = check_sampler_args(sampler, steps, guidance_scale)
 
-    factor = vae_downsample_factor(vae)
+    factor = vae.downsample_factor
     patch = _model_config(model, "patch_size", 1)
     native = _model_config(model, "input_size", None)
     height = height if height is not None else (native * factor if native else None)
@@ -344,5 +337,5 @@ def generate_images(model, vae, text_encoder=None, prompts: Sequence[str] | None
         latents = sample(model, (height // factor, width // factor), sampler=sampler, steps=steps,
                          guidance_scale=guidance_scale, generator=generator, progress=progress,
                          prediction_type=prediction_type, **kwargs)
-        images += decode_latents(vae, latents, scaling_factor)
+        images += decode_latents(vae, latents)
     return images

@@ -19,6 +19,8 @@ Load either with `load_train_config(path, overrides)` / `load_stage_plan(path)`;
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -26,12 +28,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from common.autoencoder import SD_VAE_SPACE, LatentSpace
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE
-from curation.shard_format import CAPTION_NAME_PATTERN, LATENT_SCALE
+from curation.shard_format import CAPTION_NAME_PATTERN, CARD_FILE
 from training.diffusion import PredictionType
 from training.lora import LoraSection
 from training.objectives import ObjectiveName
 from common.config import ConfigError, StrictModel, load_config
+
+log = logging.getLogger(__name__)
 
 
 class ModelSection(StrictModel):
@@ -160,7 +165,10 @@ class PretrainedSection(StrictModel):
     vae_class: str = "AutoencoderKL"
     vae_subfolder: str | None = None
     text_encoder: str = DEFAULT_T5
-    scaling_factor: float = Field(LATENT_SCALE, gt=0)
+    # The latent normalization x = (z - shift_factor) * scaling_factor; null: the dataset card's (what curation
+    # read from the autoencoder's config). See TrainConfig.latent_space.
+    scaling_factor: float | None = Field(None, gt=0)
+    shift_factor: float | None = None
 
 
 class InitSection(StrictModel):
@@ -278,6 +286,24 @@ class TrainConfig(StrictModel):
 
     def pixart_config(self):
         return self.model.build()
+
+    def latent_space(self) -> LatentSpace:
+        """The latent space the data's latents live in: the dataset card's `vae` section (curation wrote the
+        autoencoder's config there), else PixArt's SD VAE with a warning; pretrained.scaling_factor / shift_factor
+        replace its factors when set (the preflight checks the model's in_channels against the data)."""
+        card_file = Path(self.data.root) / CARD_FILE
+        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        vae = card.get("vae") or {}
+        recorded = {field: vae[key] for field, key in (("channels", "latent_channels"),
+                                                        ("downsample_factor", "downsample_factor"),
+                                                        ("scaling_factor", "scaling_factor"),
+                                                        ("shift_factor", "shift_factor")) if vae.get(key) is not None}
+        if "scaling_factor" not in recorded and self.pretrained.scaling_factor is None:
+            log.warning("data.root: %s records no autoencoder scaling_factor; assuming PixArt's SD VAE (%s); set "
+                        "pretrained.scaling_factor and pretrained.shift_factor for another autoencoder",
+                        card_file, SD_VAE_SPACE)
+        return dataclasses.replace(SD_VAE_SPACE, **recorded).with_factors(self.pretrained.scaling_factor,
+                                                                           self.pretrained.shift_factor)
 
 
 class StagePlan(StrictModel):

@@ -123,6 +123,7 @@ class Trainer:
             raise ConfigError(f"run.resume: {self.out} already holds {', '.join(history[:4])}; resume from them "
                               f"(run.resume=true) or choose a new run.output_dir")
         checked = preflight(config, dist.world_size, resuming=bool(history)) if with_data else None
+        self.latent_space = config.latent_space()  # what the data's latents are normalized with (dataset card)
         self._log_file = attach_log_file(self.out / "logs" / ("train.log" if self.is_main else
                                                               f"train_rank{dist.rank}.log"), dist.rank)
         self.bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto"
@@ -140,8 +141,8 @@ class Trainer:
         if self.is_main and config.sampling.every:
             from training.sample_grids import SampleGrids
 
-            self._grids = SampleGrids(config, cfg, dist.device, self.dtype)
-        self._evaluation = (HeldOutEvaluation(config, cfg, dist.device, self.dtype)
+            self._grids = SampleGrids(config, cfg, self.latent_space, dist.device, self.dtype)
+        self._evaluation = (HeldOutEvaluation(config, cfg, self.latent_space, dist.device, self.dtype)
                             if self.is_main and config.evaluation.every else None)
 
         # Identical initial weights on every rank: the same seed, then the same previous-stage weights.
@@ -225,7 +226,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         """One micro-batch: {"loss": global mean, "skipped", "updated" (the optimizer stepped), "images"}."""
         device = self.dist.device
-        x0 = draw_latents(batch, self.generator, self.config.pretrained.scaling_factor, device)
+        x0 = draw_latents(batch, self.generator, self.latent_space, device)
         n = x0.shape[0]
         losses = self.objective(self._forward, x0, self.model_kwargs(batch), self.generator)
         loss = losses["loss"].mean()
@@ -361,9 +362,10 @@ class Trainer:
         return torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else [])
 
     def pipeline_info(self) -> PipelineInfo:
-        pre = self.config.pretrained
+        pre, space = self.config.pretrained, self.latent_space
         return PipelineInfo(vae=pre.vae, vae_class=pre.vae_class, vae_subfolder=pre.vae_subfolder,
-                            scaling_factor=pre.scaling_factor, latent_channels=self.model_config.in_channels,
+                            scaling_factor=space.scaling_factor, vae_shift_factor=space.shift_factor,
+                            latent_channels=space.channels,
                             text_encoder=pre.text_encoder if self.model_config.text_conditioned else None,
                             prediction_type=self.config.diffusion.prediction_type,
                             objective=self.config.diffusion.objective)
