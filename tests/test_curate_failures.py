@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from common.config import load_config
 from curation.failures import IsolatedStage, map_isolated
 from curation.sources.folder import FolderSource
 from tests.fixtures_data import gradient, jpeg_bytes

@@ -173,6 +173,12 @@ def _check_init(config: TrainConfig, model: PixArtConfig, report: Preflight,
 
     init = config.init
     if source_config is None:
+        from training.init_sources import source_kind
+
+        kind = source_kind(init.weights)  # a missing .pth or folder is a TransitionError naming init.weights
+        if kind != "weights":  # released weights: shapes and position embedding are checked as they load
+            report.checks.append(f"init: {init.weights} ({kind} weights, continue)")
+            return
         problem = weights_problem(init.weights, ema=init.use_ema)
         if problem is not None:
             raise PreflightError(f"init.weights: {problem}; expected the final/ weights folder of the previous "

@@ -46,7 +46,10 @@ from training.metrics import Reporter, Throughput, attach_log_file, device_peak_
 from training.model import PixArt
 from training.objectives import build_objective
 from training.preflight import preflight
-from training.stages import TransitionError, init_from_previous
+from training.evaluate import HeldOutEvaluation
+from training.init_sources import init_model
+from training.lora import ADAPTER_DIR, EMA_ADAPTER_DIR, add_lora, save_adapter, split_state
+from training.stages import TransitionError
 from training.train_config import TrainConfig, load_train_config
 from training.weights import (CHECKPOINTS_DIR, CONFIG_NAME, FINAL, PIPELINE_NAME, WEIGHTS_DIR, PipelineInfo,
                               encode_config, encode_pipeline_info, step_folders, weights_problem,
@@ -143,12 +146,16 @@ class Trainer:
             from training.sample_grids import SampleGrids
 
             self._grids = SampleGrids(config, cfg, self.latent_space, dist.device, self.dtype)
+        self._evaluation = (HeldOutEvaluation(config, cfg, self.latent_space, dist.device, self.dtype)
+                            if self.is_main and config.evaluation.every else None)
 
         # Identical initial weights on every rank: the same seed, then the same previous-stage weights.
         torch.manual_seed(config.run.seed)
         model = PixArt(cfg)
         model.routing = config.routing.build()  # TREAD token routing in training (None when off)
         self.init_report = self._init_weights(model, resuming=bool(history))
+        if config.lora.enabled:
+            add_lora(model, config.lora)  # adapters only train; weights folders hold them merged and apart
         ds_config = deepspeed_config(config, self.bf16)
         global_batch = config.data.batch_size * dist.world_size * config.optimizer.gradient_accumulation_steps
         self.engine, lr = build_engine(model.to(dist.device), config, ds_config, global_batch)
@@ -187,7 +194,7 @@ class Trainer:
         # evaluation, say) appends its own.
         self.periodic: list[tuple[int, Callable[[], object]]] = [
             (config.run.log_every, self._log_scalars), (config.run.checkpoint_every, self.save),
-            (config.sampling.every, self.sample_grid)]
+            (config.sampling.every, self.sample_grid), (config.evaluation.every, self.evaluate)]
 
     def _init_weights(self, model: PixArt, resuming: bool) -> dict | None:
         init, report_file = self.config.init, self.out / "init_report.json"
@@ -199,7 +206,7 @@ class Trainer:
                 return None
         if not init.weights:
             return None
-        report = init_from_previous(model, init.weights, init.transition, init.use_ema, init.t_star)
+        report = init_model(model, init, self.config.pretrained)  # a weights folder, official .pth or diffusers
         if self.is_main:
             log.info("%s", report.summary())
             atomic_write_bytes(report_file, json.dumps(report.to_dict(), indent=1).encode())
@@ -224,7 +231,8 @@ class Trainer:
             kwargs = {"class_labels": batch["class_labels"].to(device, non_blocking=True)}
         if cfg.micro_conditions:
             kwargs["resolution"] = batch["resolution"].to(device, non_blocking=True)
-            kwargs["aspect_ratio"] = batch["aspect_ratio"].to(device, non_blocking=True)
+            key = "aspect_ratio_key" if cfg.aspect_ratio_input == "bucket_key" else "aspect_ratio"
+            kwargs["aspect_ratio"] = batch[key].to(device, non_blocking=True)
         return kwargs
 
     def _forward(self, x_t: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -435,9 +443,41 @@ class Trainer:
             c = self.config
             info = {"stage": c.stage, "name": c.name, "step": self.counters.step, "caption": c.data.caption,
                     "init": self.init_report and {k: self.init_report[k] for k in ("source", "transition")}}
-            write_weights_folder(folder, self.model_config, state, self.pipeline_info(), ema, info)
+            extra, adapters = None, {}
+            if c.lora.enabled:  # merged full weights in the folder, the adapters beside them
+                state, adapters[ADAPTER_DIR] = split_state(state, c.lora)
+                if ema is not None:
+                    ema, adapters[EMA_ADAPTER_DIR] = split_state(ema, c.lora)
+
+                def extra(tmp: Path) -> None:
+                    for name, adapter in adapters.items():
+                        save_adapter(tmp / name, adapter, c.lora, self.model_config)
+            write_weights_folder(folder, self.model_config, state, self.pipeline_info(), ema, info, extra=extra)
         log.info("checkpoint %s, weights %s", checkpoint, folder)
         return folder
+
+    def _weights_for(self, use_ema: bool) -> dict[str, torch.Tensor]:
+        """Rank 0: the current full weights (EMA or model; LoRA merged) in PixArt's own layout."""
+        if use_ema and self.ema is not None:
+            weights = self.ema.full_state_dict(self.engine.module)
+        else:
+            weights = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        return split_state(weights, self.config.lora)[0] if self.config.lora.enabled else weights
+
+    def evaluate(self) -> dict | None:
+        """Rank 0: FID and CLIP score on the held-out set (config `evaluation`), reported and kept in eval.jsonl."""
+        if self._evaluation is None:
+            return None
+        with self._rng_untouched():
+            result = {"step": self.counters.step,
+                      **self._evaluation(self._weights_for(self.config.evaluation.use_ema))}
+        with open(self.out / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        self.reporter.scalars(self.counters.step, {f"eval/{k}": result[k] for k in ("fid", "clip_score")
+                                                   if k in result})
+        log.info("evaluation at step %d: %s", self.counters.step,
+                 ", ".join(f"{k} {result[k]:.3f}" for k in ("fid", "clip_score") if k in result))
+        return result
 
     def sample_grid(self) -> Path | None:
         """Rank 0: a PNG grid from the fixed prompts (or class labels) with the current EMA (or model) weights,
@@ -445,10 +485,7 @@ class Trainer:
         if self._grids is None:
             return None
         with self._rng_untouched():
-            if self.config.sampling.use_ema and self.ema is not None:
-                weights = self.ema.full_state_dict(self.engine.module)
-            else:
-                weights = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+            weights = self._weights_for(self.config.sampling.use_ema)
             grid, path = self._grids(weights, self.out / "samples" / f"step_{self.counters.step:08d}.png")
         self.reporter.image(self.counters.step, "samples", grid)
         log.info("sample grid %s", path)

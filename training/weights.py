@@ -105,9 +105,10 @@ def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
 
 def write_weights_folder(folder: str | os.PathLike, config: PixArtConfig, model_state: dict[str, torch.Tensor],
                          pipeline: PipelineInfo, ema_state: dict[str, torch.Tensor] | None = None,
-                         trainer_info: dict | None = None) -> Path:
+                         trainer_info: dict | None = None, extra=None) -> Path:
     """Write a complete weights folder under a temp name, then publish it in place of `folder` (an existing one is
-    moved aside first and deleted after). A kill at any point leaves the old folder or the new one, never half."""
+    moved aside first and deleted after). A kill at any point leaves the old folder or the new one, never half.
+    `extra(tmp_folder)` writes further files (a LoRA run's adapters) before publishing."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -124,6 +125,8 @@ def write_weights_folder(folder: str | os.PathLike, config: PixArtConfig, model_
     write_pipeline_info(tmp, pipeline)
     if trainer_info is not None:
         (tmp / TRAINER_NAME).write_text(json.dumps(trainer_info, indent=1) + "\n")
+    if extra is not None:
+        extra(tmp)
     publish_replacing(tmp, folder)
     return folder
 
