@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.captioners import build_captioner  # noqa: E402
 from curation.captioners.config import CaptionerSettings  # noqa: E402
-from curation.captioners.llava_transformers import (PRESETS, LlavaTransformersCaptioner, random_llava,  # noqa: E402
-                                                    resolve_device, resolve_dtype, save_random_llava)
+from curation.captioners.llava_transformers import (LlavaTransformersCaptioner, resolve_device,  # noqa: E402
+                                                    resolve_dtype)
+from tests.llava_fixtures import PRESETS, random_llava, save_random_llava  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "photos"
 

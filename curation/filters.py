@@ -97,8 +97,16 @@ def _screen(sample: RawSample, min_side: int, max_aspect_ratio: float | None, ma
         return Screened(rejection, info)
     if not hash_size:
         return Screened(None, info, bucketed=bucketed if keep_pixels else None)
-    return Screened(None, info, phash_int(bucketed.decoded, hash_size), is_animated(data, info),
-                    bucketed if keep_pixels else None)
+    return Screened(None, info, phash_int(hash_input(bucketed.decoded, hash_size), hash_size),
+                    is_animated(data, info), bucketed if keep_pixels else None)
+
+
+def hash_input(image, hash_size: int):
+    """The picture the pHash is computed from: the decode, box-reduced by an integer factor to at least twice the
+    hash's 4 * hash_size thumbnail. The same result for the same decode, and a fraction of the cost of letting the
+    hash's Lanczos resize read every decoded pixel."""
+    factor = min(image.size) // (8 * hash_size)
+    return image.reduce(factor) if factor >= 2 else image
 
 
 class ScreenStage:

@@ -37,6 +37,15 @@ STD_EXT = "latent_std.npy"
 T5_PREFIX = "t5_"  # one member per encoded caption: f"{key}.t5_{name}.npy"
 
 
+def aspect_ratio_key(height: float, width: float) -> float:
+    """The ratio key of PixArt's ASPECT_RATIO tables (H / W as the tables write it, e.g. 0.57) nearest to
+    height / width: the key curation picks a sample's bucket by (from its orig_size), and the aspect-ratio
+    micro-condition the official multi-scale models are trained and sampled with (`get_closest_ratio`)."""
+    from curation.buckets import ASPECT_RATIO_256, closest_bucket
+
+    return float(closest_bucket(height, width, ASPECT_RATIO_256)[0])
+
+
 class ShardFormatError(ValueError):
     """A sample or shard that does not follow the format; the message says what was expected."""
 

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.durable import atomic_write_bytes, fsync_dir, publish, sweep_temp, temp_name
+from common.durable import TMP_TAG, atomic_write_bytes, fsync_dir, publish, temp_name
 from common.versions import library_versions
 from curation.shard_format import (CARD_FILE, FORMAT_VERSION, MANIFEST_DIR, MANIFEST_FILE, REJECTED_DIR,
                                    REJECTED_FILE, SHARDS_DIR, ShardFormatError, ShardSample, iter_shard,
@@ -107,13 +107,20 @@ class DatasetLayout:
             names = [n for n in pq.read_schema(path).names if n not in ("pixels", "caption_pixels")]
             write_parquet(path, pq.read_table(path, columns=names))
 
-    def sweep(self, unit: str) -> None:
-        """Remove what a dead attempt at `unit` left: temp files of its outputs and its staged parts."""
-        for folder, name in ((self.root / SHARDS_DIR, f"{unit}.tar"), (self.root / MANIFEST_DIR, f"{unit}.parquet"),
-                             (self.root / REJECTED_DIR, f"{unit}.parquet"), (self.work / "screen", f"{unit}.parquet"),
-                             (self.work / "plan", f"{unit}.parquet")):
-            sweep_temp(folder, name)
-        shutil.rmtree(self.staging(unit), ignore_errors=True)
+    def sweep(self, units: list[str]) -> None:
+        """Remove what dead attempts at `units` left: temp files of their outputs and their staged parts. Each
+        folder is listed once, however many units (a resumed job of 10,000 units stays linear)."""
+        names = {f"{unit}.{ext}" for unit in units for ext in ("tar", "parquet")}
+        for folder in (self.root / SHARDS_DIR, self.root / MANIFEST_DIR, self.root / REJECTED_DIR,
+                       self.work / "screen", self.work / "plan"):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.name.startswith(".") and TMP_TAG in entry.name and \
+                        entry.name[1:].split(TMP_TAG)[0] in names:
+                    entry.unlink(missing_ok=True)
+        for unit in units:
+            shutil.rmtree(self.staging(unit), ignore_errors=True)
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
@@ -387,6 +394,10 @@ def plot_card(card: dict, path: Path) -> None:
               color=["tab:red"] * (len(outcomes) - 1) + ["tab:green"])
     left.set_title(f"{counts['seen']} samples seen")
     left.set_xlabel("samples")
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5-sample ticks on small data
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlim(0, max(outcomes.values(), default=0) * 1.15 or 1)
     left.bar_label(left.containers[0], fontsize=8)
     right.set_title("accepted samples per bucket (H x W, wide to tall)")

@@ -34,8 +34,9 @@ from curation.writer import (PLAN_SCHEMA, SCREEN_SCHEMA, DatasetLayout, Incomple
                              finalize, plot_card, read_plan, remove_staging, try_commit, write_parquet)
 from common.config import ConfigError, StrictModel, dump_config, load_config
 from pipelines.job import (IMAGE_PROCESSOR, TRANSFORMERS_MODEL, ModelNeed, Stage, StageResources, UnitsFailed,
-                           bind_output, captioner_needs, check_output_location, claimed_output, diffusers_needs,
-                           digest, fit_stages, resolve_models, run_main, t5_needs)
+                           bind_output, captioner_needs, check_captioner_fits, check_output_location, claimed_output,
+                           diffusers_needs, digest, explain_actor_warning, fit_stages, resolve_models, run_main,
+                           t5_needs)
 
 DTYPE_PATTERN = r"^(auto|float32|float16|bfloat16)$"
 
@@ -136,6 +137,7 @@ class CurateConfig(StrictModel):
             tree.pop(name)
         for name in ("batch_size", "num_gpus", "num_cpus", "concurrency"):
             (tree.get("caption") or {}).pop(name, None)
+        tree["buckets"].pop("keep_pixels", None)  # decode once or twice: the same output
         return tree
 
 
@@ -186,9 +188,13 @@ def plan_units(layout: DatasetLayout, units: list[WorkUnit], config: CurateConfi
     import pyarrow.parquet as pq
 
     # Only the verdict columns: the screen parts may also hold the kept pixels, which stay on disk for pass 2.
-    columns = [c for c in SCREEN_SCHEMA.names if c != "unit"]
-    tables = {u.id: pq.read_table(layout.screen_part(u.id), columns=[
-        c for c in columns if c in pq.read_schema(layout.screen_part(u.id)).names]) for u in units}
+    wanted = [c for c in SCREEN_SCHEMA.names if c != "unit"]
+
+    def verdicts(path):
+        present = set(pq.read_schema(path).names)  # screen parts of older runs lack `animated`
+        return pq.read_table(path, columns=[c for c in wanted if c in present])
+
+    tables = {u.id: verdicts(layout.screen_part(u.id)) for u in units}
     candidates: list[Candidate] = []
     where: list[tuple[str, int]] = []
     for rank, unit in enumerate(units):
@@ -240,8 +246,8 @@ def run_screen(layout: DatasetLayout, source, units: list[WorkUnit], config: Cur
     todo = [u for u in units if not layout.is_screened(u.id)]
     if not todo:
         return {}
+    layout.sweep([u.id for u in todo])
     for unit in todo:
-        layout.sweep(unit.id)
         clear_failed(layout, unit.id)
     stage = ScreenStage(source, layout.root, config.filters, config.min_side, config.buckets,
                         config.caption.image_size if config.caption else None)
@@ -306,6 +312,7 @@ def run_encode(layout: DatasetLayout, source, units: list[WorkUnit], todo: dict[
         return {}
     for unit in units:
         clear_failed(layout, unit.id)
+    explain_actor_warning(resources)
     ds = build_encode_dataset(layout, source, units, config, resources)
     pending = {u.id for u in units}
     with tqdm(total=sum(todo[u.id] for u in units), desc="encode", unit="picture",
@@ -365,13 +372,18 @@ def preflight(config: CurateConfig) -> tuple[DatasetLayout, object, list[WorkUni
     source = build_source(config.source)
     try:
         units = source.list_units(layout.work)
-    except FileNotFoundError as err:
+    except FileNotFoundError as err:  # its message names the field (source.root, source.annotations, ...)
         raise ConfigError(str(err)) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"source: cannot list {config.source.kind} input: {type(err).__name__}: {err}") from None
     ids = [u.id for u in units]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"source {config.source.kind}: two inputs map to the same unit id; rename one")
     ray = init_ray(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory)
-    resources = fit_resources(config, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    if config.caption is not None:
+        check_captioner_fits("caption", config.caption, cluster)
+    resources = fit_resources(config, cluster)
     return layout, source, units, resources
 
 
@@ -393,14 +405,12 @@ def run(config: CurateConfig) -> dict:
         raise UnitsFailed("curate", {u: f"{r} (no unit is encoded until every unit is screened)"
                                      for u, r in failed.items()})
     todo = plan_units(layout, units, config)
+    # Leftovers of an interrupted attempt at the units still to commit: temp files, staged parts.
+    layout.sweep(list(todo))
     for unit, count in todo.items():
         if count == 0:  # everything rejected before encoding: commit now, nothing to stream
-            layout.sweep(unit)
             commit_unit(layout, unit, [], [row for row in read_plan(layout, unit) if row["stage"]])
     encode = [u for u in units if todo.get(u.id, 0) > 0 and not layout.is_committed(u.id)]
-    # Leftovers of an interrupted attempt: temp files, parts of units committed since or to be re-encoded.
-    for unit in encode:
-        layout.sweep(unit.id)
     failed = run_encode(layout, source, encode, todo, config, resources)
     if failed:
         raise UnitsFailed("curate", failed)

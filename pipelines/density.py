@@ -37,7 +37,8 @@ from curation.density_report import SourceResult, TokenizerInfo, build_figures, 
 from common.pretrained import DEFAULT_T5, T5_MAX_LENGTH, MissingModelError
 from curation.shard_format import CARD_FILE
 from common.config import ConfigError, StrictModel, dump_config, load_config
-from pipelines.job import Stage, StageResources, check_output_location, fit_stages, run_main
+from pipelines.job import (Stage, StageResources, check_output_location, explain_actor_warning, fit_stages,
+                           run_main)
 
 
 class SourceConfig(StrictModel):
@@ -209,6 +210,7 @@ def run(config: DensityConfig) -> dict[str, Path]:
         else:
             print(f"[density] {source.name}: skipped: {where.problem}", file=sys.stderr)
     print(f"[density] {concurrency} stage actor(s), batches of {config.ray.batch_size}", flush=True)
+    explain_actor_warning(resources)
     start = time.perf_counter()
     stats = compute_stats(readable, stage_options, resources)
     elapsed = time.perf_counter() - start

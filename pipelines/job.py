@@ -90,22 +90,32 @@ def _check_hub(need: ModelNeed) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return (f"hub id {need.value!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                 f"HF_HUB_OFFLINE=1 forbids downloading it")
-    errors = []
+    from huggingface_hub.errors import EntryNotFoundError
+
+    first = None
     for name in filenames:
         try:
             hf_hub_download(need.value, name, subfolder=need.subfolder, etag_timeout=5)
             return None
-        except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated, no such file: all say "cannot"
-            errors.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
-    return f"hub id {need.value!r} cannot be resolved ({errors[0]})"
+        except EntryNotFoundError as err:  # the repo exists but names this file otherwise: try the next name
+            first = first or err
+        except Exception as err:  # noqa: BLE001 - no network, unknown or gated repo: asking again will not help
+            first = err
+            break
+    text = str(first).strip().splitlines()[0] if str(first).strip() else ""
+    return f"hub id {need.value!r} cannot be resolved ({type(first).__name__}: {text})"
 
 
 def resolve_models(needs: list[ModelNeed]) -> None:
     """Every model the job will load resolves (without loading weights), or one ConfigError line per problem."""
     problems = []
+    failed_fields = set()
     for need in needs:
+        if need.field in failed_fields:  # one line per field: its model and its processor fail together
+            continue
         problem = _check_folder(need) if looks_local(need.value) else _check_hub(need)
         if problem:
+            failed_fields.add(need.field)
             problems.append(f"{need.field}: {problem}; set {need.field} to a folder saved with save_pretrained "
                             f"or a hub id reachable from this machine (in its cache when offline)")
     if problems:
@@ -122,6 +132,13 @@ def t5_needs(field: str, value: str, tokenizer_subfolder: str | None = None,
              encoder_subfolder: str | None = None) -> list[ModelNeed]:
     return [ModelNeed(field, value, TOKENIZER, tokenizer_subfolder, "T5 tokenizer"),
             ModelNeed(field, value, TRANSFORMERS_MODEL, encoder_subfolder, "T5 encoder")]
+
+
+def check_captioner_fits(prefix: str, caption, cluster: dict) -> None:
+    """vLLM runs only on GPUs: on a cluster without any, say so before an actor fails to build its engine."""
+    if caption.backend == "vllm" and not cluster.get("GPU"):
+        raise ConfigError(f"{prefix}.backend: vllm needs a GPU per actor but the Ray cluster has none; set "
+                          f"{prefix}.backend: transformers to caption on CPU")
 
 
 def captioner_needs(prefix: str, caption) -> list[ModelNeed]:
@@ -183,10 +200,14 @@ def bind_output(root: str | Path, settings: dict, inputs_digest: str, inputs: in
     if path.is_file():
         try:
             job = json.loads(path.read_text())
-            before, before_inputs = job["settings"], job["inputs_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
+            job = None
             log.warning("%s is unreadable (an interrupted first start): binding the folder again", path)
-        else:
+        if job is not None and not (isinstance(job, dict) and "settings" in job and "inputs_sha256" in job):
+            raise ConfigError(f"output {root} was bound by another version of this job ({JOB_FILE} without "
+                              f"'settings'); use a new output folder")
+        if job is not None:
+            before, before_inputs = job["settings"], job["inputs_sha256"]
             if before != settings:
                 old, new = _flatten(before), _flatten(settings)
                 changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -277,6 +298,17 @@ def fit_stages(stages: list[Stage], cluster: dict, task_cpus: float, task_field:
         out[stage.field] = {"compute": compute, "num_gpus": stage_gpus, "num_cpus": num_cpus[stage.field],
                             "batch_size": r.batch_size}
     return out
+
+
+ACTOR_NOTE = ("note: Ray prints 'core_worker.cc ... has constructor arguments in the object store and max_restarts > "
+              "0' once per model-stage actor it starts: Ray Data always hands its stage to actors by reference, and "
+              "the reference lives as long as the stage, so a restarted actor is rebuilt as usual. Harmless.")
+
+
+def explain_actor_warning(stages: dict) -> None:
+    """Say once, before Ray Data starts actor pools, what the error-looking line Ray prints for each one means."""
+    if stages:
+        print(ACTOR_NOTE, file=sys.stderr, flush=True)
 
 
 # ---- unit commits -------------------------------------------------------------------------------------------

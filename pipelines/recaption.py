@@ -51,9 +51,10 @@ from common.versions import library_versions
 from curation.shard_format import read_manifest
 from curation.sources import SourceConfig, WorkUnit
 from common.config import ConfigError, StrictModel, dump_config, load_config
-from pipelines.job import (Stage, StageResources, UnitsFailed, bind_output, captioner_needs, check_output_location,
-                           claimed_output, digest, fit_stages, is_committed, parquet_bytes, resolve_models, run_main,
-                           write_parquet)
+from pipelines.job import (Stage, StageResources, UnitsFailed, bind_output, captioner_needs, check_captioner_fits,
+                           check_output_location,
+                           claimed_output, digest, explain_actor_warning, fit_stages, is_committed, parquet_bytes,
+                           resolve_models, run_main, write_parquet)
 
 log = logging.getLogger("pipelines.recaption")
 
@@ -358,6 +359,7 @@ def caption_units(cfg: RecaptionConfig, units: list[WorkUnit], wanted: dict | No
     reader = ReadUnits(cfg.input.source.model_dump(mode="json"), cfg.max_image_side, cfg.read_block_rows,
                        cfg.input.source_caption)
     committer = UnitCommitter(cfg.output, cfg.caption.name)
+    explain_actor_warning(resources)
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         # an instance, not the class: reading runs as stateless tasks that Ray Data scales freely
@@ -431,7 +433,9 @@ def preflight(cfg: RecaptionConfig) -> tuple[list[WorkUnit], dict | None, dict]:
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"input: {err}") from None
     ray = init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory)
-    resources = fit_stages([caption_stage(cfg.caption)], ray.cluster_resources(), cfg.ray.read_num_cpus)
+    cluster = ray.cluster_resources()
+    check_captioner_fits("caption", cfg.caption, cluster)
+    resources = fit_stages([caption_stage(cfg.caption)], cluster, cfg.ray.read_num_cpus)
     return units, wanted, resources
 
 

@@ -151,8 +151,29 @@ def test_training_losses_split_gradients_between_mean_and_variance():
     assert out.grad[:, 4:].abs().max().item() == 0.0 and out.grad[:, :4].abs().max().item() > 0
 
 
+def official_space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The rule of IDDPM's / PixArt's respace.py for one section, re-derived with numpy: the kept steps are the
+    rounded prefix sums of the fractional stride, each prefix sum accumulated in order (np.add.accumulate adds
+    left to right, as the official loop's `cur_idx += frac_stride` does)."""
+    stride = 1.0 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
+    totals = np.concatenate([[0.0], np.add.accumulate(np.full(steps - 1, stride))])
+    return sorted({round(float(v)) for v in totals})
+
+
+def test_respacing_picks_the_official_timesteps_for_every_step_count():
+    rounded_products_differ = 0
+    for steps in range(1, 1001):
+        kept = space_timesteps(1000, steps)
+        assert kept == official_space_timesteps(1000, steps), steps
+        assert len(kept) == steps and kept[0] == 0 and (steps == 1 or kept[-1] == 999)
+        stride = 999 / max(steps - 1, 1)
+        rounded_products_differ += kept != [round(i * stride) for i in range(steps)]
+    # The count and the example the side-by-side comparison with the official code found.
+    assert rounded_products_differ == 278
+    assert space_timesteps(1000, 21)[10] == 499
+
+
 def test_respacing_keeps_the_cumulative_alphas():
-    assert space_timesteps(1000, 100) == [round(i * 999 / 99) for i in range(100)]
     assert space_timesteps(1000, 100)[:3] == [0, 10, 20] and space_timesteps(1000, 100)[-1] == 999
     assert space_timesteps(1000, 1) == [0]
     with pytest.raises(ValueError, match="steps"):
@@ -249,7 +270,33 @@ def test_min_snr_weight():
         d = GaussianDiffusion(prediction_type=kind)
         zero = lambda x, ts: torch.zeros(3, 4, 2, 2)  # noqa: E731
         plain = d.training_losses(zero, x0, t, noise=noise)
-        weighted = d.training_losses(zero, x0, t, noise=noise, snr_gamma=5.0)
+        weighted = d.training_losses(zero, x0, t, noise=noise, min_snr_gamma=5.0)
         expected = np.minimum(snr, 5.0) / denominator
         torch.testing.assert_close(weighted["loss"] / plain["mse"], torch.tensor(expected, dtype=torch.float32))
         torch.testing.assert_close(weighted["mse"], plain["mse"])
+
+
+def test_x0_target_below_is_the_official_snr_loss():
+    """Official `snr=True` (PixArt-alpha gaussian_diffusion.py): t > 249 eps target, t <= 249 the clean latent
+    against x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), unweighted. Written out here in float64 numpy."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0, 100, 249, 250, 700, 999])
+    x0 = torch.randn(6, 4, 2, 2, generator=g)
+    noise = torch.randn(6, 4, 2, 2, generator=g)
+    eps_pred = torch.randn(6, 8, 2, 2, generator=g)  # eps and variance halves
+    d = GaussianDiffusion()
+    got = d.training_losses(lambda x, ts: eps_pred, x0, t, noise=noise, x0_target_below=250)
+    for i, ti in enumerate(t.tolist()):
+        a = ABAR[ti]
+        x_t = math.sqrt(a) * x0[i].double().numpy() + math.sqrt(1 - a) * noise[i].double().numpy()
+        e = eps_pred[i, :4].double().numpy()
+        if ti <= 249:
+            want = np.mean((x0[i].double().numpy() - (x_t - math.sqrt(1 - a) * e) / math.sqrt(a)) ** 2)
+        else:
+            want = np.mean((noise[i].double().numpy() - e) ** 2)
+        assert got["mse"][i].item() == pytest.approx(want, rel=1e-4)
+    plain = d.training_losses(lambda x, ts: eps_pred, x0, t, noise=noise)
+    torch.testing.assert_close(got["vb"], plain["vb"])  # the variance bound is untouched
+    torch.testing.assert_close(got["loss"], got["mse"] + got["vb"])
+    with pytest.raises(ValueError, match="choose one"):
+        d.training_losses(lambda x, ts: eps_pred, x0, t, noise=noise, x0_target_below=250, min_snr_gamma=5.0)

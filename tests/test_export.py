@@ -65,26 +65,24 @@ def test_export_loads_in_diffusers_and_matches_our_model(weights, tmp_path):
 
 
 def test_no_ema_exports_the_model_weights_and_flags_override_pipeline_json(weights, tmp_path, tiny_vae_dir):
-    out = export_main(["--checkpoint", str(weights), "--out", str(tmp_path / "pipe"), "--no-ema",
+    out = export_main(["--checkpoint", str(weights), "--out", str(tmp_path / "pipe"), "--weights", "model",
                        "--vae", str(tiny_vae_dir)])
     pipe = PixArtAlphaPipeline.from_pretrained(out)
     a, b = transformer_outputs(PixArt.from_pretrained(weights), pipe)
     assert ((a - b).norm() / b.norm()).item() <= 1e-5
 
 
-def test_mismatched_text_encoder_and_missing_models_give_clear_errors(tmp_path, tiny_t5_dir, tiny_vae_dir):
-    from common.pretrained import MissingModelError
-
+def test_mismatched_text_encoder_and_missing_models_give_clear_errors(tmp_path, tiny_t5_dir, tiny_vae_dir, capsys):
     wide = tmp_path / "wide"
     PixArt(dataclasses.replace(PRESETS["tiny"], caption_channels=64)).save_pretrained(wide)
-    with pytest.raises(ValueError, match="caption_channels=64"):
-        export_main(["--checkpoint", str(wide), "--out", str(tmp_path / "a"),
-                     "--vae", str(tiny_vae_dir), "--text-encoder", str(tiny_t5_dir)])
-    with pytest.raises(MissingModelError, match="--vae"):
-        export_main(["--checkpoint", str(wide), "--out", str(tmp_path / "b"), "--vae", str(tmp_path / "no-vae")])
-    with pytest.raises(FileNotFoundError, match="ema.safetensors"):
-        export_main(["--checkpoint", str(wide), "--out", str(tmp_path / "c"), "--ema"])
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for args, needle in ((["--vae", str(tiny_vae_dir), "--text-encoder", str(tiny_t5_dir)], "caption_channels=64"),
+                         (["--vae", str(tmp_path / "no-vae")], "--vae"),
+                         (["--weights", "ema"], "ema.safetensors")):
+        with pytest.raises(SystemExit) as exit_:
+            export_main(["--checkpoint", str(wide), "--out", str(tmp_path / "a"), *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
 
 
 def test_a_v_prediction_model_exports_a_v_prediction_scheduler(weights, tmp_path):
@@ -95,6 +93,70 @@ def test_a_v_prediction_model_exports_a_v_prediction_scheduler(weights, tmp_path
     (folder / "pipeline.json").write_text(json.dumps({**info, "prediction_type": "v_prediction"}))
     pipe = PixArtAlphaPipeline.from_pretrained(export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "p")]))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_the_weights_choice_is_printed_and_the_call_written_to_a_readme(weights, tmp_path, capsys):
+    out = export_main(["--checkpoint", str(weights), "--out", str(tmp_path / "pipe")])
+    printed = capsys.readouterr().out
+    assert "exporting the EMA weights: using" in printed and "ema.safetensors" in printed
+    # A 64-px model is not in diffusers' resolution-binning tables: the call says so.
+    call = "pipe(prompt, height=64, width=64, use_resolution_binning=False, clean_caption=False)"
+    assert call in printed and call in (out / "README.md").read_text()
+    assert json.loads((out / "pixart_export.json").read_text())["call"] == call
+    export_main(["--checkpoint", str(weights), "--out", str(tmp_path / "pipe"), "--weights", "model"])
+    assert "exporting the model weights: using" in capsys.readouterr().out
+
+
+def run_call(out, call: str, **extra):
+    """Run the exported folder's README call as a user would (plus test-speed settings)."""
+    pipe = PixArtAlphaPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    steps = dict(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0), **extra)
+    return eval(call.replace("pipe(prompt", "pipe(prompt, **steps"), {"pipe": pipe, "prompt": "a red bus",
+                                                                     "steps": steps}).images
+
+
+def test_a_binned_size_works_with_the_default_call(tmp_path, tiny_t5_dir, tiny_vae_dir, capsys, caplog):
+    folder = tmp_path / "w256"
+    torch.manual_seed(0)
+    PixArt(dataclasses.replace(PRESETS["tiny"], input_size=32)).save_pretrained(folder)
+    (folder / "pipeline.json").write_text(json.dumps({"vae": str(tiny_vae_dir), "text_encoder": str(tiny_t5_dir)}))
+    out = export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "pipe")])
+    assert "pipe(prompt, clean_caption=False)" in capsys.readouterr().out
+    pipe = PixArtAlphaPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING"):
+        image = pipe("a red bus", num_inference_steps=2, clean_caption=False, output_type="np").images
+    assert image.shape == (1, 256, 256, 3) and not [r for r in caplog.records if "clean_caption" in r.getMessage()]
+
+
+def test_a_multi_scale_model_below_1024_px_gets_its_micro_conditions(tmp_path, tiny_t5_dir, tiny_vae_dir, capsys):
+    """tiny-MS (8 latents, 64 px) as stage3_512's models are: exported declaring sample_size 128 so that diffusers
+    passes resolution and aspect ratio, with the same position embedding; the README call samples it."""
+    folder = tmp_path / "ms"
+    torch.manual_seed(0)
+    ours = PixArt(PRESETS["tiny-MS"]).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.2)
+    ours.save_pretrained(folder)
+    (folder / "pipeline.json").write_text(json.dumps({"vae": str(tiny_vae_dir), "text_encoder": str(tiny_t5_dir)}))
+    out = export_main(["--checkpoint", str(folder), "--out", str(tmp_path / "pipe")])
+    assert "use_resolution_binning=False" in capsys.readouterr().out
+    pipe = PixArtAlphaPipeline.from_pretrained(out)
+    assert pipe.transformer.config.sample_size == 128 and pipe.transformer.use_additional_conditions
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([10, 900])  # also a grid of another shape
+    caption = torch.randn(2, 120, 32, generator=g)
+    res, ar = torch.tensor([[64.0, 96.0]] * 2), torch.tensor([[64 / 96]] * 2)
+    with torch.no_grad():
+        a = ours(x, t, caption, resolution=res, aspect_ratio=ar)
+        b = pipe.transformer(x, encoder_hidden_states=caption, timestep=t,
+                             added_cond_kwargs={"resolution": res, "aspect_ratio": ar}).sample
+    assert ((a - b).norm() / b.norm()).item() <= 1e-5
+    call = json.loads((out / "pixart_export.json").read_text())["call"]
+    image = run_call(out, call)
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
 def test_a_vae_in_a_subfolder_of_a_pipeline_folder_exports(weights, tmp_path, tiny_vae_dir, tiny_t5_dir):

@@ -2,7 +2,6 @@
 it, and the exported diffusers pipeline samples the same images from the same noise."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -128,3 +128,64 @@ def test_commit_markers_empty_or_unreadable_count_as_absent(tmp_path, capsys):
         marker.write_bytes(damage)
         assert not is_committed(marker)
         assert not marker.exists() and "damaged" in capsys.readouterr().err
+
+
+def test_recaption_folder_cpu_config_offline_stops_in_preflight_naming_caption_model(tmp_path, capsys,
+                                                                                     empty_hub_cache):
+    from pathlib import Path
+
+    from pipelines.recaption import main
+
+    (tmp_path / "photos").mkdir()
+    config = Path(__file__).resolve().parents[1] / "configs" / "recaption" / "folder_cpu.yaml"
+    start = time.perf_counter()
+    code = main(["--config", str(config), "--set", f"input.source.root={tmp_path / 'photos'}",
+                 "--set", f"output={tmp_path / 'captions'}"])
+    assert code == 2 and time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: caption.model: hub id 'llava-hf/llava-interleave-qwen")
+    assert not (tmp_path / "captions").exists()
+
+
+def test_density_refuses_an_output_it_cannot_write_before_any_work(tmp_path, capsys):
+    from pipelines.density import main
+
+    (tmp_path / "taken").write_text("a file where the report folder should go")
+    manifest = tmp_path / "captions.parquet"
+    write_parquet(manifest, pa.table({"caption_llava": ["a dog on a mat"]}))
+    config = {"sources": [{"name": "d", "manifest": str(manifest), "column": "caption_llava"}],
+              "output_dir": str(tmp_path / "taken"), "tokenizer": None, "tagger": "pattern"}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "d.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: output_dir: ")
+
+
+def test_every_shipped_recaption_and_density_config_fits_a_two_core_machine():
+    from pathlib import Path
+
+    from common.config import load_config
+    from pipelines.density import DensityConfig, stats_stage
+    from pipelines.job import check_captioner_fits
+    from pipelines.recaption import RecaptionConfig, caption_stage
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted((configs / "recaption").glob("*.yaml")):
+        config = load_config(path, RecaptionConfig)
+        if config.caption.backend == "vllm":  # GPU-only: refused in one line on a machine without GPUs
+            with pytest.raises(ConfigError, match="^caption.backend: vllm needs a GPU"):
+                check_captioner_fits("caption", config.caption, {"CPU": 2})
+            continue
+        fitted = fit_stages([caption_stage(config.caption)], {"CPU": 2}, config.ray.read_num_cpus)["caption"]
+        assert fitted["num_cpus"] + config.ray.read_num_cpus <= 2 and fitted["num_gpus"] == 0, path.name
+    for path in sorted((configs / "density").glob("*.yaml")):
+        fitted = fit_stages([stats_stage(load_config(path, DensityConfig))], {"CPU": 2}, 1.0)["ray"]
+        assert fitted["num_cpus"] + 1.0 <= 2, path.name
+
+
+def test_legacy_or_damaged_job_files(tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps({"config": {}, "units_sha256": "x"}))
+    with pytest.raises(ConfigError, match="another version"):
+        bind_output(tmp_path, {"a": 1}, "d", 1)
+    (tmp_path / "job.json").write_text("")  # a first start that died mid-write (cannot happen with fsync)
+    bind_output(tmp_path, {"a": 1}, "d", 1)
+    assert json.loads((tmp_path / "job.json").read_text())["settings"] == {"a": 1}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from curation.captioners import build_captioner
 from curation.captioners.config import SamplingConfig
-from curation.captioners.llava_transformers import random_llava, save_random_llava
+from tests.llava_fixtures import random_llava, save_random_llava
 from curation.captioners.prompts import PAPER_PROMPT, SOURCE_CAPTION_PROMPT, build_instruction, render_chat_prompt
 from common.pretrained import MissingModelError
 from tests.conftest import PHOTOS
@@ -143,7 +143,7 @@ def save_tiny_llava_next(folder: Path) -> Path:
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessor, LlavaNextProcessor)
 
-    from curation.captioners.llava_transformers import LLAVA_15_CHAT_TEMPLATE, PRESETS, build_offline_tokenizer
+    from tests.llava_fixtures import LLAVA_15_CHAT_TEMPLATE, PRESETS, build_offline_tokenizer
 
     torch.manual_seed(0)
     tiny = PRESETS["tiny"]

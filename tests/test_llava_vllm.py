@@ -11,7 +11,7 @@ from PIL import Image
 
 from curation.captioners import build_captioner
 from curation.captioners import llava_vllm
-from curation.captioners.llava_transformers import save_random_llava
+from tests.llava_fixtures import save_random_llava
 from curation.captioners.llava_vllm import MissingExtraError
 from curation.captioners.prompts import PAPER_PROMPT
 from common.config import ConfigError

@@ -109,6 +109,7 @@ def test_a_transition_without_weights_is_a_config_error(datasets, tmp_path):
             config(tmp_path, datasets / "ok", init={"weights": None, "transition": transition})
 
 
+@pytest.mark.slow  # imports DeepSpeed through the launcher
 def test_dry_run_runs_the_preflight_and_chained_substages_check_against_their_predecessor(datasets, tmp_path,
                                                                                            capsys):
     cfg = write_yaml(tmp_path / "bad.yaml", base_config(datasets / "ok", tmp_path / "run",
@@ -128,3 +129,13 @@ def test_dry_run_runs_the_preflight_and_chained_substages_check_against_their_pr
         "preset": "tiny-MS", "overrides": {"input_size": 16, "hidden_size": 48}}))
     with pytest.raises(TransitionError, match="hidden_size: 96 -> 48"):
         launch(3, tmp_path / "plan.yaml", dry_run=True)
+
+
+def test_report_to_wandb_needs_wandb_installed(datasets, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = config(tmp_path, datasets / "ok", run={"output_dir": str(tmp_path / "run"), "steps": 1,
+                                                 "report_to": ["tensorboard", "wandb"]})
+    assert "wandb is not installed" in refused(cfg, "run.report_to")

@@ -176,3 +176,49 @@ def test_weights_are_found_from_run_and_checkpoint_folders(runs):
 
     shutil.rmtree(run / "final")
     assert locate(run).folder == run / "weights" / STEP(2)  # the newest complete export left
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_continues_the_same_trajectory(runs):
+    """A real SIGKILL while training (wherever it lands: a step, a checkpoint, an export), then the same command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_trainer import ROOT
+
+    straight, _, data, tmp = runs
+    run = tmp / "killed"
+    shutil.rmtree(run, ignore_errors=True)
+    config_file = tmp / "killed-8.yaml"
+    _config(data, tmp, run, 8)  # writes config_file
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "training.trainer", "--config", str(config_file)], cwd=ROOT,
+                            env={**env, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / STEP(4)).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = train(load_train_config(config_file))
+    step = int(resumed.resumed_from.rsplit("_", 1)[1])
+    assert step >= 2 and resumed.losses == straight[step:8]
+    final = load_file(str(run / "final" / "model.safetensors"))
+    expected = load_file(str(tmp / "straight" / "final" / "model.safetensors"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_a_config_error_not_damage(runs, caplog):
+    _, _, data, tmp = runs
+    run = _copy(runs, "other-model")
+    cfg = base_config(data, run, model={"preset": "tiny", "overrides": {"depth": 3}},
+                      data={"batch_size": 3, "num_workers": 0}, run={"steps": 8, "checkpoint_every": 2, "keep_last": 3})
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.overrides: checkpoint .*step_00000006 was written for another "
+                                          r"model \(depth: 2 -> 3\)"):
+        train(load_train_config(write_yaml(tmp / "other-model.yaml", cfg)))
+    assert not list((run / "checkpoints").glob("*.damaged-*"))  # nothing was treated as damage

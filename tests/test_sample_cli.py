@@ -122,6 +122,35 @@ def test_cli_ema_requested_but_absent(tmp_path, tiny_vae_dir, tiny_t5_dir, capsy
     assert code == 2 and "ema" in log and "--no-ema" in log
 
 
+def test_cli_prompt_file_images_per_prompt_negative_prompt_and_sa_solver(weights, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red bus\n\n  a bowl of ramen  \n")
+    out = tmp_path / "samples"
+    code, log = run_cli(capsys, "--checkpoint", weights, "--prompt", "a cat", "--prompt-file", prompts,
+                        "--images-per-prompt", "2", "--negative-prompt", "blurry", "--sampler", "sa-solver",
+                        "--steps", "3", "--height", "32", "--width", "32", "--out", out)
+    assert code == 0, log
+    record = json.loads((out / "samples.json").read_text())
+    assert [i["prompt"] for i in record["images"]] == ["a cat"] * 2 + ["a red bus"] * 2 + ["a bowl of ramen"] * 2
+    assert record["negative_prompt"] == "blurry" and record["sampler"] == "sa-solver" and record["steps"] == 3
+    assert len(list(out.glob("0*.png"))) == 6
+    code, log = run_cli(capsys, "--checkpoint", weights, "--prompt-file", tmp_path / "none.txt", "--out", out)
+    assert code == 2 and "prompt-file" in log
+
+
+def test_help_prints_each_default_once_and_explains_sampler_seed_device(capsys):
+    from training.sample import build_parser
+
+    text = build_parser().format_help()
+    flat = " ".join(text.split())
+    for option in ("--sampler", "--seed", "--device", "--steps", "--cfg-scale", "--batch-size"):
+        section = flat.split(option, 2)[-1].split(" --", 1)[0]  # the option's own help entry
+        assert section.count("default") <= 1, (option, section)
+    assert "dpm++: DPM-Solver++" in flat and "sa-solver: SA-Solver" in flat and "iddpm:" in flat
+    assert "seed of the random stream" in flat and "torch device" in flat
+    assert "(default: 4.5)" in flat  # --cfg-scale: argparse's default, once
+
+
 def test_cli_takes_a_run_folder_and_says_which_weights_it_used(weights, tmp_path, capsys):
     import shutil
 

@@ -198,22 +198,28 @@ def test_guided_denoiser_matches_separate_passes_on_all_channels(preset):
     torch.testing.assert_close(plain, c)
 
 
-def test_dpm_solver_with_guidance_matches_diffusers_pixart_pipeline():
-    """The same tiny network as a diffusers PixArtTransformer2DModel in PixArtAlphaPipeline (its guidance, its
-    learned-sigma handling, our scheduler config) from the same initial latents gives the same latents."""
+def tiny_pipeline(model: PixArt, scheduler):
+    """diffusers' PixArtAlphaPipeline around `model` (converted) with a tiny random T5 and VAE."""
     from diffusers import AutoencoderKL, PixArtAlphaPipeline
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     from training.checkpoint import to_diffusers
 
-    model = random_pixart("tiny")
     text_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                                            is_encoder_decoder=False))
     vae = AutoencoderKL(latent_channels=4, norm_num_groups=8, layers_per_block=1, block_out_channels=(8, 16, 16, 16),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     pipe = PixArtAlphaPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae,
-                               transformer=to_diffusers(model), scheduler=dpm_solver_scheduler())
+                               transformer=to_diffusers(model), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_dpm_solver_with_guidance_matches_diffusers_pixart_pipeline():
+    """The same tiny network as a diffusers PixArtTransformer2DModel in PixArtAlphaPipeline (its guidance, its
+    learned-sigma handling, our scheduler config) from the same initial latents gives the same latents."""
+    model = random_pixart("tiny")
+    pipe = tiny_pipeline(model, dpm_solver_scheduler())
     g = torch.Generator().manual_seed(5)
     B, L = 2, 16
     caption = torch.randn(B, L, 32, generator=g)
@@ -325,3 +331,62 @@ def test_image_grid_layout_and_atomic_save(tmp_path):
         image_grid([])
     with pytest.raises(ValueError, match="captions"):
         image_grid(images, captions=["a"])
+
+
+def test_sa_solver_with_a_negative_prompt_matches_diffusers_pixart_pipeline():
+    """SA-Solver (diffusers' SASolverScheduler as we configure it) guided against a negative caption, side by side
+    with PixArtAlphaPipeline given the same negative embeddings, initial latents and generator seed (SA-Solver
+    draws noise on the way, from the generator)."""
+    from training.sampling import sa_solver_scheduler
+
+    model = random_pixart("tiny")
+    pipe = tiny_pipeline(model, sa_solver_scheduler())
+    g = torch.Generator().manual_seed(6)
+    B, L = 2, 16
+    caption, negative = torch.randn(B, L, 32, generator=g), torch.randn(B, L, 32, generator=g)
+    mask, negative_mask = torch.ones(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.long)
+    mask[1, 9:] = 0
+    negative_mask[:, 4:] = 0
+    z = torch.randn(B, 4, 8, 12, generator=g)
+    ref = pipe(negative_prompt=None, prompt_embeds=caption, prompt_attention_mask=mask,
+               negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask, latents=z.clone(),
+               height=64, width=96, num_inference_steps=25, guidance_scale=4.5, output_type="latent",
+               use_resolution_binning=False, generator=torch.Generator().manual_seed(11)).images
+    ours = sample(model, (8, 12), caption=caption, caption_mask=mask.bool(), noise=z, sampler="sa-solver",
+                  guidance_scale=4.5, negative_caption=negative, negative_caption_mask=negative_mask.bool(),
+                  generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # The noise it injects matters: another seed, other latents.
+    other = sample(model, (8, 12), caption=caption, caption_mask=mask.bool(), noise=z, sampler="sa-solver",
+                   guidance_scale=4.5, generator=torch.Generator().manual_seed(12))
+    assert (other - ours).abs().max() > 1e-3
+
+
+def test_sa_solver_on_a_point_mass_lands_on_it():
+    """Even with the noise SA-Solver injects, the exact eps of a point mass brings every sample onto it, up to the
+    noise left at its last timestep t = 0 (sigma = sqrt(1 - abar_0) / sqrt(abar_0) = 0.01; it stops there)."""
+    x0 = torch.linspace(-1.5, 1.5, 4 * 4 * 4).reshape(1, 4, 4, 4)
+    abar = torch.from_numpy(ABAR)
+
+    def model(x, timestep, **_):
+        a = abar[timestep.long()].float().reshape(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    out = sample(model, (4, 4), batch_size=3, latent_channels=4, sampler="sa-solver", guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0))
+    error = out - x0
+    assert error.abs().max() < 5 * 0.01 and error.std().item() == pytest.approx(0.01, rel=0.3)
+
+
+def test_generate_images_per_prompt_and_negative_prompt(tiny_parts):
+    vae, text_encoder = tiny_parts
+    model = random_pixart("tiny")
+    kwargs = dict(height=32, width=32, steps=2, seed=3)
+    two = generate_images(model, vae, text_encoder, ["a", "b"], images_per_prompt=2, **kwargs)
+    assert len(two) == 4
+    listed = generate_images(model, vae, text_encoder, ["a", "a", "b", "b"], **kwargs)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(two, listed))
+    negative = generate_images(model, vae, text_encoder, ["a"], negative_prompt="blurry", **kwargs)
+    assert not np.array_equal(np.asarray(negative[0]), np.asarray(two[0]))
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        generate_images(model, vae, text_encoder, ["a"], images_per_prompt=0)

@@ -311,6 +311,20 @@ def test_two_processes_zero2_match_a_hand_computed_update(data_root, tmp_path):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
     torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-10, weight_decay=0.03).step()
 
+    step2_before = load_file(str(out / "final" / "model.safetensors"))  # the first launch ended at step 2
     after_one = load_file(str(out / "weights" / "step_00000001" / "model.safetensors"))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(after_one[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    # Rank 1's RNG state of the newest checkpoint is damaged: both ranks fall back to step 1 together and
+    # step 2 comes out as before, bit for bit.
+    (ckpt / "rng_rank1.pt").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "training.launch", "--stage", "2", "--config", str(cfg_file),
+                           "--num-gpus", "2", "--master-port", str(_free_port()), "--set", "run.steps=3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log_text = (out / "logs" / "train.log").read_text()
+    assert f"resumed from {out / 'checkpoints' / 'step_00000001'}" in log_text and "rng_rank1.pt" in log_text
+    redone = load_file(str(out / "weights" / "step_00000002" / "model.safetensors"))
+    assert list((out / "checkpoints").glob("step_00000002.damaged-*"))
+    assert all(torch.equal(redone[k], step2_before[k]) for k in step2_before)

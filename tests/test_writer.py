@@ -150,3 +150,19 @@ def test_row_batch_round_trip():
     batch.reject(0, "caption", "why")
     out = batch.to_batch()
     assert json.loads(out["meta"][0])["captions"] == {"new": "text"} and list(out["reject_stage"]) == ["caption", "x"]
+
+
+def test_sweep_removes_only_the_named_units_temp_files_and_staging(tmp_path):
+    layout = DatasetLayout(tmp_path)
+    dead = [layout.shard("u1").with_name(".u1.tar.tmp-0badf00d"),
+            layout.manifest_part("u1").with_name(".u1.parquet.tmp-12345678"),
+            layout.screen_part("u1").with_name(".u1.parquet.tmp-deadbeef")]
+    kept = [layout.shard("u10").with_name(".u10.tar.tmp-0badf00d"), layout.shard("u1"), layout.manifest_part("u1")]
+    for path in dead + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    layout.staging("u1").mkdir(parents=True)
+    (layout.staging("u1") / "part-1.json").write_text("{}")
+    layout.sweep(["u1"])
+    assert not any(p.exists() for p in dead) and all(p.exists() for p in kept)
+    assert not layout.staging("u1").exists()

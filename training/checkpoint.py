@@ -1,7 +1,8 @@
 """Weights interop: official PixArt-alpha `.pth` checkpoints, and diffusers' `PixArtTransformer2DModel` both ways.
 
 Our parameter names are the official ones, so an official state dict needs only its wrapper unpacked and its
-`pos_embed` buffer dropped (we recompute the position embedding for every input size). Diffusers names and splits
+`pos_embed` buffer compared with the one the config computes, then dropped (we recompute the position embedding
+for every input size). Diffusers names and splits
 things differently (separate q/k/v projections, `adaln_single`, `caption_projection`, ...); the table in
 `_renames` is the whole mapping, and the fused projections are split/concatenated along the output dimension.
 
@@ -9,14 +10,15 @@ things differently (separate q/k/v projections, `adaln_single`, `caption_project
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from training.model import PRESETS, PixArt, PixArtConfig, StateDictMismatchError, load_state_dict_strict
+from training.model import (PRESETS, PixArt, PixArtConfig, StateDictMismatchError, load_state_dict_strict,
+                            sincos_pos_embed_2d)
 
 # Official buffers we do not keep: the position embedding is recomputed for each latent size.
 OFFICIAL_RECOMPUTED = ("pos_embed",)
@@ -59,8 +61,39 @@ def read_official_state_dict(path: str | Path, ema: bool = False) -> dict[str, t
     return state
 
 
-def official_to_pixart(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official keys -> ours: identical names, minus the recomputed buffers."""
+def check_pos_embed(stored: torch.Tensor, config: PixArtConfig, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose stored position embedding is not what `config` computes for the same grid.
+
+    The official models keep their training grid's sin-cos embedding as a buffer; we recompute it from the grid,
+    input_size / patch_size (the base grid) and pe_interpolation. A config that differs there gives a model whose
+    every output is wrong (about 0.47 relative difference for a wrong pe_interpolation) without any key mismatch.
+    A config that computes the same embedding on that grid (a 512-px checkpoint in a 1024-px config with twice the
+    pe_interpolation, as the official 1024-px model was trained) is accepted."""
+    stored = stored.detach().float().cpu().reshape(-1, stored.shape[-1])
+    side = math.isqrt(stored.shape[0])
+    if stored.shape[-1] == config.hidden_size and side * side == stored.shape[0]:
+        ours = sincos_pos_embed_2d(config.hidden_size, (side, side), config.base_size, config.pe_interpolation)
+        if torch.allclose(stored, ours, atol=1e-4, rtol=0):
+            return
+        matches = [s for s in (0.25, 0.5, 1.0, 2.0, 3.0, 4.0) if torch.allclose(
+            stored, sincos_pos_embed_2d(config.hidden_size, (side, side), side, s), atol=1e-4, rtol=0)]
+        hint = (f"; it is that of input_size={side * config.patch_size}, pe_interpolation={matches[0]:g}"
+                if matches else "")
+    else:
+        hint = f"; expected a square grid of {config.hidden_size}-wide embeddings"
+    raise StateDictMismatchError(
+        f"{source}: its stored pos_embed {tuple(stored.shape)} is not the position embedding of this config "
+        f"(input_size={config.input_size}, patch_size={config.patch_size}, pe_interpolation="
+        f"{config.pe_interpolation:g}){hint}. Choose the preset the checkpoint was trained as, or set "
+        f"model.overrides pe_interpolation / input_size to match it")
+
+
+def official_to_pixart(state_dict: Mapping[str, torch.Tensor], config: PixArtConfig | None = None,
+                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Official keys -> ours: identical names, minus the recomputed buffers. With `config`, a stored pos_embed
+    is first compared with the one the config recomputes (check_pos_embed)."""
+    if config is not None and "pos_embed" in state_dict:
+        check_pos_embed(state_dict["pos_embed"], config, source)
     return {k: v for k, v in state_dict.items() if k not in OFFICIAL_RECOMPUTED}
 
 
@@ -72,7 +105,8 @@ def load_official_checkpoint(path: str | Path, config: PixArtConfig | str, ema: 
             raise ValueError(f"unknown preset {config!r}; expected one of {sorted(PRESETS)}")
         config = PRESETS[config]
     model = PixArt(config)
-    load_state_dict_strict(model, official_to_pixart(read_official_state_dict(path, ema=ema)), source=str(path))
+    state = official_to_pixart(read_official_state_dict(path, ema=ema), config, source=str(path))
+    load_state_dict_strict(model, state, source=str(path))
     return model.eval()
 
 
@@ -81,14 +115,20 @@ def load_official_checkpoint(path: str | Path, config: PixArtConfig | str, ema: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def diffusers_config(config: PixArtConfig) -> dict:
-    """Keyword arguments of `PixArtTransformer2DModel` describing the same network as `config`."""
+def diffusers_config(config: PixArtConfig, sample_size: int | None = None) -> dict:
+    """Keyword arguments of `PixArtTransformer2DModel` describing the same network as `config`.
+
+    `sample_size` declares another native latent size than config.input_size, with the interpolation scale
+    rescaled by sample_size / input_size so that the position embedding of every grid stays the same (both
+    stretch a grid onto base_size / interpolation_scale). PixArtAlphaPipeline passes micro-conditions only to a
+    transformer whose sample_size is 128, so training.export declares 128 for multi-scale models of other sizes."""
     if not config.text_conditioned:
         raise ValueError("a class-conditional PixArt (num_classes set) has no diffusers PixArtTransformer2DModel "
                          "equivalent; only text models convert")
     if config.mlp_ratio != 4.0:
         raise ValueError(f"mlp_ratio: diffusers' PixArt feed-forward is 4x wide, got {config.mlp_ratio}")
-    scale = config.pe_interpolation
+    declared = config.input_size if sample_size is None else sample_size
+    scale = config.pe_interpolation * declared / config.input_size
     return dict(
         num_attention_heads=config.num_heads,
         attention_head_dim=config.hidden_size // config.num_heads,
@@ -97,7 +137,7 @@ def diffusers_config(config: PixArtConfig) -> dict:
         num_layers=config.depth,
         cross_attention_dim=config.hidden_size,
         attention_bias=True,
-        sample_size=config.input_size,
+        sample_size=declared,
         patch_size=config.patch_size,
         activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000,
@@ -181,6 +221,16 @@ def _tables(config: PixArtConfig):
     return renames, _fused(config)
 
 
+def diffusers_modules(config: PixArtConfig) -> dict[str, list[str]]:
+    """Our linear module -> the diffusers PixArtTransformer2DModel module(s) its weight rows go to, in order (the
+    fused qkv and kv projections have three and two). For LoRA adapters, which live on module names."""
+    renames, fused = _tables(config)
+    table = {o.removesuffix(".weight"): [t.removesuffix(".weight")] for o, t in renames.items() if o.endswith(".weight")}
+    table.update({o.removesuffix(".weight"): [t.removesuffix(".weight") for t in parts]
+                  for o, parts in fused.items() if o.endswith(".weight")})
+    return table
+
+
 def _check_keys(state_dict: Mapping, expected: set[str], source: str) -> None:
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
@@ -214,11 +264,12 @@ def state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor], config: Pi
     return out
 
 
-def to_diffusers(model: PixArt):
-    """A diffusers PixArtTransformer2DModel computing the same function as `model` (weights copied, same dtype)."""
+def to_diffusers(model: PixArt, sample_size: int | None = None):
+    """A diffusers PixArtTransformer2DModel computing the same function as `model` (weights copied, same dtype);
+    `sample_size` as in diffusers_config."""
     from diffusers import PixArtTransformer2DModel
 
-    transformer = PixArtTransformer2DModel(**diffusers_config(model.config))
+    transformer = PixArtTransformer2DModel(**diffusers_config(model.config, sample_size))
     theirs = state_dict_to_diffusers(model.state_dict(), model.config)
     transformer.load_state_dict({k: v.detach().clone() for k, v in theirs.items()}, strict=True)
     dtype = next(model.parameters()).dtype
@@ -244,13 +295,18 @@ def from_diffusers(transformer, caption_length: int = 120, null_caption: torch.T
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert an official PixArt-alpha .pth into a PixArt weights folder.")
+    from training import cli
+
+    parser = cli.parser("training.checkpoint", __doc__)
     parser.add_argument("--official", required=True, help="official checkpoint (.pth), e.g. PixArt-XL-2-512x512.pth")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the architecture it was trained as")
     parser.add_argument("--ema", action="store_true", help="take 'state_dict_ema' from a training checkpoint")
     parser.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
     args = parser.parse_args(argv)
-    model = load_official_checkpoint(args.official, args.preset, ema=args.ema)
+    try:
+        model = load_official_checkpoint(args.official, args.preset, ema=args.ema)
+    except (ValueError, FileNotFoundError) as err:  # StateDictMismatchError too: wrong keys, pos_embed, preset
+        parser.error(str(err))
     model.save_pretrained(args.out)
     print(json.dumps({"out": args.out, "preset": args.preset, "parameters": model.num_parameters()}))
 

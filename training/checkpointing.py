@@ -142,17 +142,20 @@ class CheckpointManager:
     """Save, validate, resume and prune the checkpoints of one run, on every rank (all ranks call save/resume).
 
     `states` maps names to stateful objects: "engine" is the DeepSpeed engine (its own files), every other name is
-    stored as FILES says. `extra_files` (rank 0) are small files written into every checkpoint (the model config
+    stored as FILES says. `extra_files()` (rank 0) are small files written into every checkpoint (the model config
     and pipeline.json, so weights can be rebuilt from a checkpoint alone)."""
 
     def __init__(self, root: str | Path, states: dict[str, Any], rank: int = 0, world_size: int = 1,
-                 keep_last: int = 3, extra_files=None):
+                 keep_last: int = 3, extra_files=None, check_compatible=None):
         unknown = set(states) - set(FILES) - {"engine"}
         if unknown:
             raise ValueError(f"no checkpoint file is defined for {sorted(unknown)}; add them to FILES")
         self.root, self.states = Path(root), states
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.extra_files = extra_files or (lambda: {})
+        # check_compatible(folder) raises ConfigError when a checkpoint is intact but was written for other settings
+        # (another model): that is the user's to resolve, not damage to fall back from.
+        self.check_compatible = check_compatible or (lambda folder: None)
         self.is_main = rank == 0
 
     # --- save ------------------------------------------------------------------------------------------------------
@@ -175,7 +178,10 @@ class CheckpointManager:
         if self.is_main:
             for name, data in self.extra_files().items():
                 atomic_write_bytes(tmp / name, data)
-        fsync_tree(tmp)  # DeepSpeed does not fsync what it writes; each rank flushes what it can see
+        _barrier()
+        # DeepSpeed does not fsync what it writes. Once every rank has finished writing (no temp file is being
+        # renamed any more), each rank flushes what it sees: on a shared filesystem every node its own files.
+        fsync_tree(tmp)
         _barrier()
         if self.is_main:
             files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "crc32": _crc32(p)}
@@ -274,6 +280,7 @@ class CheckpointManager:
             if manifest.get("world_size", self.world_size) != self.world_size:
                 raise ConfigError(f"run.output_dir: checkpoint {folder} was written by {manifest['world_size']} "
                                   f"processes, this run has {self.world_size}; resume with the same number")
+            self.check_compatible(folder)
             for key in sorted(self.states, key=lambda k: k == "engine"):  # small files first, the engine last
                 if key == "engine":
                     path, _ = self.states[key].load_checkpoint(str(self.root), tag=folder.name,

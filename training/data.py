@@ -25,6 +25,7 @@ A batch is a dict of CPU tensors holding one bucket:
     caption, caption_mask    float32 [B, L, D], bool [B, L]  T5 features zero-padded to L tokens (text data)
     class_labels             long [B]  (class-conditional data)
     resolution, aspect_ratio float32 [B, 2] original (h, w) in pixels, [B, 1] bucket h / w (micro-conditions)
+    aspect_ratio_key         float32 [B, 1] the bucket's official ratio key (e.g. 0.57), the official MS input
     keys, position, epoch, rejected ([{key, reason, detail}])
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ import torch
 
 from common.autoencoder import LatentSpace
 from curation.shard_format import (
-    MEAN_EXT, META_EXT, STD_EXT, SUPPORTED_VERSIONS, T5_PREFIX, ShardFormatError, decode_sample, read_manifest,
+    MEAN_EXT, META_EXT, STD_EXT, SUPPORTED_VERSIONS, T5_PREFIX, ShardFormatError, aspect_ratio_key, decode_sample,
+    read_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -345,6 +347,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
             "latent_std": torch.from_numpy(np.stack([s.latent_std for s in samples]).astype(np.float32)),
             "resolution": torch.from_numpy(np.stack([plan["orig_h"][rows], plan["orig_w"][rows]], 1).astype(np.float32)),
             "aspect_ratio": torch.from_numpy((plan["bucket_h"][rows] / plan["bucket_w"][rows]).astype(np.float32)[:, None]),
+            "aspect_ratio_key": torch.tensor([[aspect_ratio_key(h, w)] for h, w in
+                                              zip(plan["orig_h"][rows].tolist(), plan["orig_w"][rows].tolist())]),
         }
         if self.caption is not None:
             padded = [pad_caption(s.t5[self.caption], self.caption_length) for s in samples]

@@ -47,14 +47,19 @@ def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = B
 
 
 def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps of a `num_timesteps` process, evenly spread from 0 to num_timesteps - 1 inclusive
-    (IDDPM's `space_timesteps(num_timesteps, [steps])`: a fractional stride, rounded)."""
+    """`steps` timesteps of a `num_timesteps` process, evenly spread from 0 to num_timesteps - 1 inclusive, as
+    IDDPM's (and PixArt's) `space_timesteps(num_timesteps, [steps])` picks them: a fractional stride is added up
+    step by step in floating point and each running total rounded (Python's round, half to even). The running
+    total is not i * stride: the two differ in the last bits, and so after rounding for 278 of the 1000 step
+    counts (21 steps: 499, not 500), which changes the model's inputs; we match the official choice."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
-    if steps == 1:
-        return [0]
-    stride = (num_timesteps - 1) / (steps - 1)
-    return [round(i * stride) for i in range(steps)]
+    stride = 1.0 if steps == 1 else (num_timesteps - 1) / (steps - 1)
+    taken, position = [], 0.0
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return taken
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -237,34 +242,47 @@ class GaussianDiffusion:
 
     def training_losses(self, model_fn: Callable[..., torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
                         model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
-                        snr_gamma: float | None = None) -> dict[str, torch.Tensor]:
+                        min_snr_gamma: float | None = None,
+                        x0_target_below: int | None = None) -> dict[str, torch.Tensor]:
         """{"loss", "mse", "vb"}, each [B]: loss = w * mse + vb (PixArt's LossType.MSE; vb is 0 for eps-only models).
 
-        mse is the error of the first half of the output against eps (or v). w is 1, or with `snr_gamma` the
-        Min-SNR weight (Hang et al. 2023; PixArt's `snr_loss` uses gamma 5), min(SNR, gamma) / SNR for eps and
-        min(SNR, gamma) / (SNR + 1) for v: the nearly clean timesteps, whose errors are largest but matter least
-        to a sample, stop dominating the gradient. "mse" is reported unweighted.
+        mse is the error of the first half of the output against its target, eps (or v), with two options:
+
+        - `x0_target_below` = T: for t < T the error is measured in x0 space instead, between the clean latent and
+          the x0 the output implies, unweighted. This is the official PixArt-alpha `snr=True` training option
+          (gaussian_diffusion.py: eps target for t > 249, x0 target below, so T = 250 matches it).
+        - `min_snr_gamma`: the Min-SNR weight w (Hang et al. 2023), min(SNR, gamma) / SNR for eps and
+          min(SNR, gamma) / (SNR + 1) for v: the nearly clean timesteps, whose errors are largest but matter least
+          to a sample, stop dominating the gradient. The official code has it only in its LoRA script (gamma 5).
+          "mse" is reported unweighted.
 
         `model_fn(x_t, timestep, **model_kwargs)` is the network. The bound is computed on a copy of its output
         whose first half is detached, so the bound's gradient reaches only the variance channels and the MSE's
         only the first half.
         """
+        if min_snr_gamma is not None and x0_target_below is not None:
+            raise ValueError("min_snr_gamma and x0_target_below are two different losses; choose one")
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {})).float()
         channels = x0.shape[1]
         prediction = output[:, :channels]
         target = self.prediction_target(x0.float(), t, noise.float())
+        if x0_target_below is not None:
+            low = (t.to(x_t.device) < x0_target_below).reshape(-1, *([1] * (x0.ndim - 1)))
+            pred_x0 = self.predict_x0_from_eps(x_t.float(), t, self.eps_from_prediction(x_t.float(), t, prediction))
+            target = torch.where(low, x0.float(), target)
+            prediction = torch.where(low, pred_x0, prediction)
         mse = mean_flat((target - prediction) ** 2)
         if output.shape[1] == 2 * channels:
-            frozen = torch.cat([prediction.detach(), output[:, channels:]], dim=1)
+            frozen = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
             vb = self.vb_terms_bpd(frozen, x0.float(), x_t.float(), t)
         else:
             vb = torch.zeros_like(mse)
         weight = 1.0
-        if snr_gamma is not None:
+        if min_snr_gamma is not None:
             snr = self.snr(t)
-            weight = snr.clamp(max=snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1.0)
+            weight = snr.clamp(max=min_snr_gamma) / (snr if self.prediction_type == "epsilon" else snr + 1.0)
         return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None,

@@ -48,7 +48,8 @@ def build_engine(model: torch.nn.Module, config: TrainConfig, ds_config: dict, g
 
     opt = config.optimizer
     lr = opt.effective_lr(global_batch)
-    optimizer = adamw(model.parameters(), lr, opt, next(model.parameters()).device)  # fused where the device has it
+    # fused where the device has it; only trainable parameters (LoRA freezes the rest)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr, opt, next(model.parameters()).device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupThenConstant(opt.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if config.run.compile:

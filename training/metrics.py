@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from common.durable import atomic_write_bytes
 from training.model import PixArtConfig, forward_flops
 
 log = logging.getLogger("training.metrics")
@@ -94,17 +95,14 @@ class Reporter:
             self.tb = SummaryWriter(str(out / "tensorboard"))
             self.tb.add_text("config", "```\n" + json.dumps(dumped, indent=2) + "\n```", 0)
         if "wandb" in config.run.report_to:
-            try:
-                import wandb
-            except ImportError:
-                from common.config import ConfigError
+            import wandb  # preflight checked it is installed
 
-                raise ConfigError("run.report_to: wandb is not installed (pip install 'pixart-from-scratch[wandb]')"
-                                  "; remove it from run.report_to") from None
             # One wandb run per run folder: a resumed training continues it.
             id_file = out / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-            id_file.write_text(run_id)
+            run_id = (id_file.read_text(errors="replace").strip() if id_file.is_file() else "")
+            if not run_id.isalnum():  # absent, empty or damaged: a new wandb run
+                run_id = uuid.uuid4().hex[:12]
+                atomic_write_bytes(id_file, run_id.encode())
             self.wandb = wandb.init(project=config.run.wandb_project, name=config.name, id=run_id, resume="allow",
                                     dir=str(out), config=dumped)
 

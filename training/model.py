@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ASPECT_RATIO_INPUTS = ("bucket_key", "height_width")
 
 
 class StateDictMismatchError(ValueError):
@@ -58,6 +59,10 @@ class PixArtConfig:
     caption_dropout: float = 0.1  # train-mode probability of replacing the caption (or class) by the null one
     micro_conditions: bool = False  # multi-scale variant: original size and aspect ratio embedders
     pe_interpolation: float = 1.0  # pos-embed interpolation scale ("lewei scale"): 1 at 256/512 px, 2 at 1024
+    # What the aspect-ratio micro-condition receives: "bucket_key", the official ratio key nearest to h / w (e.g.
+    # 0.57 for 192x336), as the official code trains and samples; or "height_width", h / w itself (diffusers'
+    # PixArtAlphaPipeline feeds that, of its resolution bin).
+    aspect_ratio_input: str = "bucket_key"
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -87,6 +92,16 @@ class PixArtConfig:
                                      "each get hidden_size // 3 channels)")
         if self.pe_interpolation <= 0:
             raise bad("pe_interpolation", "must be positive")
+        if self.aspect_ratio_input not in ASPECT_RATIO_INPUTS:
+            raise bad("aspect_ratio_input", f"must be one of {ASPECT_RATIO_INPUTS}")
+
+    def aspect_ratio(self, height: float, width: float) -> float:
+        """The aspect-ratio micro-condition of an image (or bucket) of height x width, as `aspect_ratio_input` says."""
+        if self.aspect_ratio_input == "height_width":
+            return height / width
+        from curation.shard_format import aspect_ratio_key
+
+        return aspect_ratio_key(height, width)
 
     @property
     def out_channels(self) -> int:

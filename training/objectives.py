@@ -25,13 +25,13 @@ class IDDPMObjective:
 
     def __init__(self, config):
         self.diffusion = GaussianDiffusion(prediction_type=config.diffusion.prediction_type)
-        self.snr_gamma = config.diffusion.snr_gamma
+        self.loss_options = config.diffusion.loss_options()  # official x0 target (snr) or Min-SNR weighting
 
     def __call__(self, model_fn: ModelFn, x0: torch.Tensor, model_kwargs: dict,
                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator=generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        return self.diffusion.training_losses(model_fn, x0, t, model_kwargs, noise=noise, snr_gamma=self.snr_gamma)
+        return self.diffusion.training_losses(model_fn, x0, t, model_kwargs, noise=noise, **self.loss_options)
 
 
 OBJECTIVES: dict[str, Callable] = {"iddpm": IDDPMObjective, "rectified_flow": RectifiedFlowObjective}

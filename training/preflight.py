@@ -8,9 +8,11 @@ touched (and all of it under `make train-stageN ... --dry-run`). Each refusal is
     models      pretrained.text_encoder / pretrained.vae, when local, have the width / latent channels the model
                 takes; the dataset card's encoders differ from pretrained.* -> warning
     init        init.weights is a complete weights folder whose model can initialize this one (transition, shapes)
+    reporting   run.report_to names only installed sinks
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -60,6 +62,9 @@ def preflight(config: TrainConfig, world_size: int = 1, resuming: bool = False,
     _check_features(config, model, plan, report)
     _check_resolution(config, model, plan, report)
     _check_pretrained(config, model, report)
+    if "wandb" in config.run.report_to and importlib.util.find_spec("wandb") is None:
+        raise PreflightError("run.report_to: wandb is not installed (pip install 'pixart-from-scratch[wandb]'); "
+                             "remove it from run.report_to")
     if not resuming and (config.init.weights or source_config is not None):
         _check_init(config, model, report, source_config)
     return report
@@ -168,6 +173,12 @@ def _check_init(config: TrainConfig, model: PixArtConfig, report: Preflight,
 
     init = config.init
     if source_config is None:
+        from training.init_sources import source_kind
+
+        kind = source_kind(init.weights)  # a missing .pth or folder is a TransitionError naming init.weights
+        if kind != "weights":  # released weights: shapes and position embedding are checked as they load
+            report.checks.append(f"init: {init.weights} ({kind} weights, continue)")
+            return
         problem = weights_problem(init.weights, ema=init.use_ema)
         if problem is not None:
             raise PreflightError(f"init.weights: {problem}; expected the final/ weights folder of the previous "

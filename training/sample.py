@@ -1,9 +1,10 @@
 """Sample images from a trained PixArt weights folder.
 
-    python -m training.sample --checkpoint runs/stage2/weights --prompt "a red bus in the snow" \
-        --prompt "a bowl of ramen" --out samples/ [--sampler dpm++|iddpm] [--steps 20] [--cfg-scale 4.5] [--seed 0]
+    python -m training.sample --checkpoint runs/stage2/weights --prompt "a red bus in the snow"
+        [--prompt ...] [--prompt-file prompts.txt] --out samples/ [--images-per-prompt 4] [--negative-prompt "blurry"]
+        [--sampler dpm++|sa-solver|iddpm|euler|heun] [--steps N] [--cfg-scale 4.5] [--seed 0]
 
-Writes one PNG per prompt (`000_a-red-bus-in-the-snow.png`, ...), `grid.png` with every image captioned, and
+Writes one PNG per image (`000_a-red-bus-in-the-snow.png`, ...), `grid.png` with every image captioned, and
 `samples.json` (prompts, files and settings). The VAE and the T5 encoder are the ones named in the folder's
 `pipeline.json` (see "Weights on disk" in docs/ARCHITECTURE.md) unless --vae / --text-encoder say otherwise; each
 is loaded with `from_pretrained` from a hub id or a local folder. EMA weights (`ema.safetensors`) are used when
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,11 +26,12 @@ from common.autoencoder import Autoencoder
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
 from training.flow import flow_from_config
 from training.grid import image_grid, save_png
-from training.model import StateDictMismatchError
-from training.sampling import DEFAULT_GUIDANCE_SCALE, SAMPLERS, check_image_size, check_sampler_args, generate_images
+from training import cli
+from training.model import PixArt, StateDictMismatchError
+from training.sampling import check_image_size, check_sampler_args, generate_images
 # The weights folder's contract lives in training.weights; these names are the sampler's public interface.
 from training.weights import PIPELINE_NAME, PipelineInfo, locate, read_pipeline_info
-from training.weights import write_pipeline_info  # noqa: F401
+from training.weights import EMA_NAME, write_pipeline_info  # noqa: F401  (names callers import from here)
 from training.weights import load_model as load_weights
 
 
@@ -56,49 +59,73 @@ def _slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "image"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, --ema and the models group: what load_parts reads."""
     p.add_argument("--checkpoint", required=True, help="a weights folder (config.json, model.safetensors, optional "
                    "ema.safetensors and pipeline.json), a run folder (its final weights) or a run's "
                    "checkpoints/step_N folder")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several images")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="use ema.safetensors (default: when the folder has one)")
+    models = p.add_argument_group("models (default: those named in the folder's pipeline.json)")
+    models.add_argument("--vae", help=f"VAE hub id or folder (default: pipeline.json's, else {DEFAULT_VAE})")
+    models.add_argument("--vae-class", help="diffusers class of the VAE (default: pipeline.json's, else "
+                        "AutoencoderKL)")
+    models.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE, e.g. vae (default: "
+                        "pipeline.json's when --vae is not given)")
+    models.add_argument("--text-encoder", help=f"T5 hub id or folder (default: pipeline.json's, else {DEFAULT_T5})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser("training.sample", __doc__)
+    add_weights_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompt-file", help="a text file of prompts, one per line (blank lines and lines starting "
+                   "with # are skipped); added after any --prompt")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images drawn for each prompt or class label")
     p.add_argument("--class-label", action="append", type=int, default=[],
                    help="a class index, for class-conditional (stage 1) checkpoints; repeat for several")
     p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
-    p.add_argument("--vae", help="VAE hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_VAE)
-    p.add_argument("--vae-class", help="diffusers class of the VAE (default: pipeline.json's, else AutoencoderKL)")
-    p.add_argument("--vae-subfolder", help="subfolder of --vae holding the VAE, e.g. vae (default: pipeline.json's "
-                   "when --vae is not given)")
-    p.add_argument("--text-encoder", help="T5 hub id or folder (default: pipeline.json's, else %s)" % DEFAULT_T5)
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpm++")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 20 for dpm++, 100 for iddpm)")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="use ema.safetensors (default: when the folder has one)")
-    p.add_argument("--batch-size", type=int, default=4, help="images sampled together")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the transformer, VAE and text encoder")
+    cli.add_sampling_args(p)
+    cli.add_device_args(p)
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Sample as the CLI does; returns the samples.json record. Raises ValueError/FileNotFoundError/
-    MissingModelError/StateDictMismatchError with a message naming the argument at fault."""
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """The prompts of a prompt file: one per line, blank lines and # comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt-file: {path} not found")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+@dataclass
+class Parts:
+    """What sampling a weights folder needs, loaded as the CLI flags and the folder's pipeline.json say."""
+
+    model: PixArt
+    used_ema: bool
+    info: PipelineInfo
+    vae: object
+    vae_id: str
+    text_encoder: object | None
+    encoder_id: str | None
+    height: int
+    width: int
+    steps: int
+    folder: Path  # the weights folder --checkpoint resolved to
+
+
+def load_parts(args: argparse.Namespace) -> Parts:
+    """Load the model, VAE and T5 for `args` (add_weights_args, cli.add_sampling_args, cli.add_device_args),
+    checking the sampling arguments first. Errors name the argument at fault."""
     dtype = getattr(torch, args.dtype)
     located = locate(args.checkpoint)
     model, used_ema = load_weights(located.folder, args.ema, args.device, dtype)
     print(located.describe(used_ema), file=sys.stderr)
     cfg = model.config
-    if cfg.text_conditioned and (not args.prompt or args.class_label):
-        raise ValueError("prompt: this is a text-to-image checkpoint; give --prompt (and no --class-label)")
-    if not cfg.text_conditioned and (not args.class_label or args.prompt):
-        raise ValueError(f"class-label: this is a class-conditional checkpoint ({cfg.num_classes} classes); "
-                         "give --class-label (and no --prompt)")
+    if args.negative_prompt is not None and not cfg.text_conditioned:
+        raise ValueError("negative-prompt: a class-conditional checkpoint takes no prompts")
     if not args.cfg_scale >= 0:  # also NaN
         raise ValueError(f"--cfg-scale: must be >= 0 (1 = no guidance), got {args.cfg_scale}")
     steps = check_sampler_args(args.sampler, args.steps, args.cfg_scale)
@@ -127,27 +154,50 @@ def run(args: argparse.Namespace) -> dict:
         text_encoder = load_text_encoder(encoder_id, setting="--text-encoder", max_length=cfg.caption_length,
                                          dtype=dtype)
         text_encoder.model.to(args.device)
+    return Parts(model, used_ema, info, vae, vae_id, text_encoder, encoder_id, height, width, steps, located.folder)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Sample as the CLI does; returns the samples.json record. Raises ValueError/FileNotFoundError/
+    MissingModelError/StateDictMismatchError with a message naming the argument at fault."""
+    prompts = list(args.prompt) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if args.images_per_prompt < 1:
+        raise ValueError(f"images-per-prompt: must be >= 1, got {args.images_per_prompt}")
+    parts = load_parts(args)
+    model, cfg, info = parts.model, parts.model.config, parts.info
+    if cfg.text_conditioned and (not prompts or args.class_label):
+        raise ValueError("prompt: this is a text-to-image checkpoint; give --prompt or --prompt-file "
+                         "(and no --class-label)")
+    if not cfg.text_conditioned and (not args.class_label or prompts):
+        raise ValueError(f"class-label: this is a class-conditional checkpoint ({cfg.num_classes} classes); "
+                         "give --class-label (and no --prompt)")
+    vae, text_encoder, height, width, steps = parts.vae, parts.text_encoder, parts.height, parts.width, parts.steps
+    vae_id, encoder_id, used_ema = parts.vae_id, parts.encoder_id, parts.used_ema
 
     images = generate_images(
-        model, vae, text_encoder, prompts=args.prompt or None, class_labels=args.class_label or None,
+        model, vae, text_encoder, prompts=prompts or None, class_labels=args.class_label or None,
         height=height, width=width, sampler=args.sampler, steps=steps, guidance_scale=args.cfg_scale,
         seed=args.seed, batch_size=args.batch_size, progress=True,
         prediction_type=info.prediction_type, flow=flow_from_config(info, cfg.patch_size),
+        negative_prompt=args.negative_prompt, images_per_prompt=args.images_per_prompt,
     )
 
     out = Path(args.out)
-    labels = list(args.prompt) if cfg.text_conditioned else [f"class {c}" for c in args.class_label]
+    values = prompts if cfg.text_conditioned else args.class_label
+    values = [v for v in values for _ in range(args.images_per_prompt)]  # generate_images' order
+    labels = values if cfg.text_conditioned else [f"class {c}" for c in values]
     files = []
     for i, (image, label) in enumerate(zip(images, labels)):
         files.append(save_png(image, out / f"{i:03d}_{_slug(label)}.png").name)
     save_png(image_grid(images, captions=labels), out / "grid.png")
     record = {
-        "checkpoint": str(located.folder.resolve()), "ema": used_ema, "vae": vae_id,
+        "checkpoint": str(parts.folder.resolve()), "ema": used_ema, "vae": vae_id,
         "text_encoder": encoder_id, "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
         "sampler": args.sampler, "steps": steps, "objective": info.objective,
-        "cfg_scale": args.cfg_scale, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype,
+        "cfg_scale": args.cfg_scale, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "images_per_prompt": args.images_per_prompt, "height": height, "width": width, "dtype": args.dtype,
         "images": [{"file": f, ("prompt" if cfg.text_conditioned else "class_label"): v}
-                   for f, v in zip(files, args.prompt or args.class_label)],
+                   for f, v in zip(files, values)],
         "grid": "grid.png",
     }
     tmp = out / ".samples.json.tmp"

@@ -1,5 +1,6 @@
-"""Samplers for a trained PixArt: DPM-Solver++ (diffusers' scheduler, PixArt's default 20 steps) and IDDPM
-(ancestral, 100 respaced steps, learned-range variance), both with classifier-free guidance.
+"""Samplers for a trained PixArt: DPM-Solver++ (diffusers' scheduler, PixArt's default 20 steps), SA-Solver
+(diffusers' scheduler, 25 steps) and IDDPM (ancestral, 100 respaced steps, learned-range variance), all with
+classifier-free guidance.
 
 Guidance runs the conditional and the null-conditional pass in one batched forward (the model's `force_drop_ids`
 swaps in the learned null caption or null class) and extrapolates eps on all latent channels. The official DiT
@@ -24,8 +25,12 @@ from common.autoencoder import Autoencoder
 from training.diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, GaussianDiffusion
 from training.flow import FLOW_SAMPLERS, RectifiedFlow
 
-DEFAULT_STEPS = {"dpm++": 20, "iddpm": 100, "euler": 20, "heun": 20}  # euler, heun: rectified-flow models
+DEFAULT_STEPS = {"dpm++": 20, "sa-solver": 25, "iddpm": 100, "euler": 20, "heun": 20}  # the paper's; euler, heun: flow
 SAMPLERS = tuple(DEFAULT_STEPS)
+SAMPLER_HELP = ("dpm++: DPM-Solver++ (2nd order multistep, deterministic), PixArt's default, 20 steps; "
+                "sa-solver: SA-Solver (stochastic Adams, predictor and corrector order 2), 25 steps; "
+                "iddpm: ancestral IDDPM with the learned variance, 100 steps; "
+                "euler, heun: a rectified-flow model's flow-matching Euler / Heun, 20 steps (dpm++ works for both)")
 DEFAULT_GUIDANCE_SCALE = 4.5
 
 
@@ -40,6 +45,19 @@ def dpm_solver_scheduler(**overrides):
                   prediction_type="epsilon", lower_order_final=True, timestep_spacing="linspace")
     config.update(overrides)
     return DPMSolverMultistepScheduler(**config)
+
+
+def sa_solver_scheduler(**overrides):
+    """diffusers' SASolverScheduler on the training schedule, as PixArt-alpha samples with SA-Solver (Xue et al.
+    2023): data prediction, predictor and corrector order 2 (the paper's choice for large guidance scales) and
+    noise injected for 200 <= t <= 800 (diffusers' default tau function, the paper's)."""
+    from diffusers import SASolverScheduler
+
+    config = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
+                  beta_schedule="linear", predictor_order=2, corrector_order=2, prediction_type="epsilon",
+                  algorithm_type="data_prediction", lower_order_final=True, timestep_spacing="linspace")
+    config.update(overrides)
+    return SASolverScheduler(**config)
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -65,19 +83,24 @@ class GuidedDenoiser:
 
     `conditioning` holds the model's keyword inputs for the batch (caption, caption_mask, class_labels,
     resolution, aspect_ratio), each with the batch first. With guidance, the batch is doubled: the first half
-    conditional, the second with `force_drop_ids` set, so the model swaps in its null embedding.
+    conditional, the second with `force_drop_ids` set, so the model swaps in its null embedding, as the official
+    code guides. A `negative` conditioning (caption and caption_mask of negative prompts) replaces the null
+    embedding in the second half instead, as diffusers' pipeline does with its negative prompt.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], conditioning: dict[str, torch.Tensor],
-                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, dtype: torch.dtype = torch.float32):
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, dtype: torch.dtype = torch.float32,
+                 negative: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.conditioning = {k: v for k, v in conditioning.items() if v is not None}
         self.guidance_scale = float(guidance_scale)
         self.dtype = dtype
+        self.negative = {k: v for k, v in (negative or {}).items() if v is not None}
         # Guidance needs something to drop; scale 1 is the conditional model, so the null pass is skipped.
         self.guided = bool(self.conditioning) and self.guidance_scale != 1.0
         if self.guided:
-            self._doubled = {k: torch.cat([self._cast(v), self._cast(v)]) for k, v in self.conditioning.items()}
+            self._doubled = {k: torch.cat([self._cast(v), self._cast(self.negative.get(k, v))])
+                             for k, v in self.conditioning.items()}
         else:
             self._single = {k: self._cast(v) for k, v in self.conditioning.items()}
 
@@ -89,9 +112,11 @@ class GuidedDenoiser:
         if not self.guided:
             return self.model(x.to(self.dtype), timestep, **self._single).float()
         batch = x.shape[0]
-        drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(x.device)
-        out = self.model(torch.cat([x, x]).to(self.dtype), torch.cat([timestep, timestep]),
-                         force_drop_ids=drop, **self._doubled).float()
+        kwargs = dict(self._doubled)
+        if not self.negative:
+            kwargs["force_drop_ids"] = torch.cat([torch.zeros(batch, dtype=torch.bool),
+                                                  torch.ones(batch, dtype=torch.bool)]).to(x.device)
+        out = self.model(torch.cat([x, x]).to(self.dtype), torch.cat([timestep, timestep]), **kwargs).float()
         cond, uncond = out.chunk(2)
         eps = classifier_free_guidance(cond[:, :channels], uncond[:, :channels], self.guidance_scale)
         return torch.cat([eps, cond[:, channels:]], dim=1)
@@ -118,8 +143,13 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
            batch_size: int | None = None, latent_channels: int | None = None,
            device: torch.device | str | None = None, progress: bool = False,
-           prediction_type: str = "epsilon", flow: RectifiedFlow | None = None) -> torch.Tensor:
+           prediction_type: str = "epsilon", flow: RectifiedFlow | None = None,
+           negative_caption: torch.Tensor | None = None,
+           negative_caption_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Draw latents [B, C, h, w] (float32, in the model's scaled latent space) from `model`.
+
+    Guidance runs against the model's null caption (or class), or against `negative_caption` (with its mask,
+    batch first, padded like `caption`) when given.
 
     The batch size comes from the conditioning (caption or class_labels), else from `noise` or `batch_size`
     (an unconditional call, without guidance). `prediction_type` is what the model predicts: "epsilon" (PixArt's)
@@ -166,7 +196,14 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
     x = randn() if noise is None else noise.to(device=device, dtype=torch.float32)
     if tuple(x.shape) != shape:
         raise ValueError(f"noise: shape {tuple(x.shape)} does not match {shape}")
-    denoise = GuidedDenoiser(model, conditioning, guidance_scale, dtype)
+    negative = None
+    if negative_caption is not None:
+        if caption is None or negative_caption.shape != caption.shape:
+            raise ValueError(f"negative_caption: expected the caption's shape "
+                             f"{None if caption is None else tuple(caption.shape)}, got {tuple(negative_caption.shape)}")
+        negative = {"caption": negative_caption.to(device), "caption_mask": None if negative_caption_mask is None
+                    else negative_caption_mask.to(device)}
+    denoise = GuidedDenoiser(model, conditioning, guidance_scale, dtype, negative=negative)
 
     was_training = getattr(model, "training", False)
     if was_training:
@@ -174,13 +211,16 @@ def sample(model: Callable[..., torch.Tensor], latent_hw: tuple[int, int], *, ca
     try:
         if flow is not None:
             x = flow.sample(lambda x_t, t: denoise(x_t, t)[:, :channels], x, sampler, steps, progress)
-        elif sampler == "dpm++":
-            scheduler = dpm_solver_scheduler(prediction_type=prediction_type)
+        elif sampler in ("dpm++", "sa-solver"):
+            make = dpm_solver_scheduler if sampler == "dpm++" else sa_solver_scheduler
+            scheduler = make(prediction_type=prediction_type)
             scheduler.set_timesteps(steps, device=device)
             x = x * scheduler.init_noise_sigma
-            for t in tqdm(scheduler.timesteps, desc="dpm++", disable=not progress, leave=False):
+            # SA-Solver injects noise: it is drawn from `generator`, like the initial noise.
+            extra = {"generator": generator} if sampler == "sa-solver" else {}
+            for t in tqdm(scheduler.timesteps, desc=sampler, disable=not progress, leave=False):
                 prediction = denoise(x, t.expand(batch))[:, :channels]  # eps or v: the scheduler knows which
-                x = scheduler.step(prediction, t, x, return_dict=False)[0]
+                x = scheduler.step(prediction, t, x, return_dict=False, **extra)[0]
         else:
             diffusion = GaussianDiffusion.respaced(steps, prediction_type=prediction_type)
             timestep_map = diffusion.timestep_map.to(device)
@@ -222,11 +262,15 @@ def generate_images(model, vae: Autoencoder, text_encoder=None, prompts: Sequenc
                     sampler: str = "dpm++", steps: int | None = None,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int | None = 0,
                     generator: torch.Generator | None = None, batch_size: int = 4, progress: bool = False,
-                    prediction_type: str = "epsilon", flow: RectifiedFlow | None = None) -> list[Image.Image]:
-    """One image per prompt (text models, `text_encoder` a common.pretrained.TextEncoder) or per class label
-    (class-conditional models), decoded by `vae` (a common.autoencoder.Autoencoder carrying the latent space the
-    model was trained in). Height and width default to the model's native size; micro-conditions
-    (resolution, aspect ratio = height / width) are passed when the model takes them.
+                    prediction_type: str = "epsilon", flow: RectifiedFlow | None = None,
+                    negative_prompt: str | None = None, images_per_prompt: int = 1) -> list[Image.Image]:
+    """`images_per_prompt` images per prompt (text models, `text_encoder` a common.pretrained.TextEncoder) or
+    per class label (class-conditional models), in prompt order (all of a prompt's images together), decoded by
+    `vae` (a common.autoencoder.Autoencoder carrying the latent space the model was trained in). A
+    `negative_prompt` is guided against instead of the model's null caption. Height and width default to the
+    model's native size; micro-conditions (resolution = (height, width), and the aspect ratio as
+    config.aspect_ratio says: by default the official ratio key nearest to height / width) are passed when the
+    model takes them.
 
     A `seed` (or an explicit `generator`) makes the result reproducible; the prompts are sampled `batch_size` at
     a time from one random stream, so a prompt's image depends on its position in the list.
@@ -254,7 +298,11 @@ def generate_images(model, vae: Autoencoder, text_encoder=None, prompts: Sequenc
             if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (
                     0 <= label < (num_classes if num_classes is not None else math.inf)):
                 raise ValueError(f"class_labels: {label!r} is not a class index in [0, {num_classes})")
-    items = list(prompts if text_model else class_labels)
+    if negative_prompt is not None and not text_model:
+        raise ValueError("negative_prompt: only a text-conditioned model takes one")
+    if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, (int, np.integer)) or images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt: must be an integer >= 1, got {images_per_prompt!r}")
+    items = [item for item in (prompts if text_model else class_labels) for _ in range(images_per_prompt)]
     if not items:
         return []
     if batch_size < 1:
@@ -278,6 +326,9 @@ def generate_images(model, vae: Autoencoder, text_encoder=None, prompts: Sequenc
         else:
             generator.manual_seed(seed)
     micro = bool(_model_config(model, "micro_conditions", False))
+    negative = None
+    if negative_prompt is not None:
+        negative = text_encoder.encode([negative_prompt], device=device)
 
     images: list[Image.Image] = []
     for start in range(0, len(items), batch_size):
@@ -285,11 +336,15 @@ def generate_images(model, vae: Autoencoder, text_encoder=None, prompts: Sequenc
         kwargs: dict[str, torch.Tensor] = {}
         if text_model:
             kwargs["caption"], kwargs["caption_mask"] = text_encoder.encode(chunk, device=device)
+            if negative is not None:
+                kwargs["negative_caption"] = negative[0].expand(len(chunk), -1, -1)
+                kwargs["negative_caption_mask"] = negative[1].expand(len(chunk), -1)
         else:
             kwargs["class_labels"] = torch.tensor([int(c) for c in chunk], dtype=torch.long, device=device)
         if micro:
             kwargs["resolution"] = torch.tensor([[float(height), float(width)]] * len(chunk), device=device)
-            kwargs["aspect_ratio"] = torch.tensor([[height / width]] * len(chunk), device=device)
+            aspect = model.config.aspect_ratio(height, width)  # the official ratio key, unless configured h / w
+            kwargs["aspect_ratio"] = torch.tensor([[aspect]] * len(chunk), device=device)
         latents = sample(model, (height // factor, width // factor), sampler=sampler, steps=steps,
                          guidance_scale=guidance_scale, generator=generator, progress=progress,
                          prediction_type=prediction_type, flow=flow, **kwargs)

@@ -32,6 +32,7 @@ from common.autoencoder import SD_VAE_SPACE, LatentSpace
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE
 from curation.shard_format import CAPTION_NAME_PATTERN, CARD_FILE
 from training.diffusion import PredictionType
+from training.lora import LoraSection
 from training.objectives import ObjectiveName
 from common.config import ConfigError, StrictModel, load_config
 
@@ -115,14 +116,17 @@ class EMASection(StrictModel):
 
 
 class DiffusionSection(StrictModel):
-    """The training objective."""
+    """The training objective (training/diffusion.py): what the network predicts and how its error is measured."""
 
     # What the network's first output half predicts: PixArt's eps, or v (see training/diffusion.py). Recorded in
     # the weights folder's pipeline.json, so the samplers and the exported scheduler use the same.
     prediction_type: PredictionType = "epsilon"
-    # Min-SNR loss weighting (the x0-space weight min(SNR, gamma)); null: PixArt's default, unweighted.
-    # PixArt's `snr_loss=True` is gamma 5.
-    snr_gamma: float | None = Field(None, gt=0)
+    # Timesteps t < x0_target_below are trained on an x0 target (the clean latent against the x0 the output
+    # implies), later ones on eps, unweighted: the official PixArt-alpha `snr=True` option is 250. null: off.
+    x0_target_below: int | None = Field(None, ge=1, le=1000)
+    # Min-SNR loss weighting, min(SNR, gamma) / SNR on the eps error (Hang et al. 2023; the official code uses it,
+    # with gamma 5, only in its LoRA script). null: PixArt's default, unweighted.
+    min_snr_gamma: float | None = Field(None, gt=0)
     # The training objective (training/objectives.py), recorded in pipeline.json for the samplers: iddpm, PixArt's
     # (the fields above), or rectified_flow, SD3's velocity objective (training/flow.py) with logit-normal training
     # times and a time shift, a number or "auto" (sqrt(image tokens / flow_base_tokens)).
@@ -142,10 +146,28 @@ class DiffusionSection(StrictModel):
     @model_validator(mode="after")
     def _one_objective(self) -> "DiffusionSection":
         if self.objective == "rectified_flow":
-            for name in ("prediction_type", "snr_gamma"):
+            for name in ("prediction_type", "min_snr_gamma", "x0_target_below"):
                 if name in self.model_fields_set:
                     raise ValueError(f"{name} is an IDDPM setting; rectified_flow predicts the velocity, unweighted")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "snr_gamma" in data:
+            raise ValueError("snr_gamma was split by what it does: min_snr_gamma is the Min-SNR weighting it "
+                             "applied; x0_target_below: 250 is the official PixArt `snr=True` loss")
+        return data
+
+    @model_validator(mode="after")
+    def _one_loss(self) -> "DiffusionSection":
+        if self.min_snr_gamma is not None and self.x0_target_below is not None:
+            raise ValueError("min_snr_gamma and x0_target_below are two different losses; set one of them")
+        return self
+
+    def loss_options(self) -> dict[str, Any]:
+        """Keyword arguments of GaussianDiffusion.training_losses."""
+        return {"min_snr_gamma": self.min_snr_gamma, "x0_target_below": self.x0_target_below}
 
 
 class RoutingSection(StrictModel):
@@ -193,11 +215,13 @@ class PretrainedSection(StrictModel):
 
 
 class InitSection(StrictModel):
-    """Where the weights come from: a weights folder of a previous (sub-)stage, or None for random init."""
+    """Where the weights come from (training/init_sources.py): a weights folder of a previous (sub-)stage, an
+    official PixArt-alpha .pth, a diffusers PixArtTransformer2DModel (hub id or folder), or None for random init."""
 
     weights: str | None = None
+    subfolder: str | None = None  # diffusers: the transformer's subfolder (default: "transformer" for a pipeline)
     transition: Literal["auto", "class_to_text", "continue"] = "auto"  # auto: decided from the two configs
-    use_ema: bool = False  # start from the previous stage's EMA weights instead of its model weights
+    use_ema: bool = False  # start from the EMA weights (a previous stage's ema.safetensors, an official state_dict_ema)
     t_star: int = Field(500, ge=0, lt=1000)  # class_to_text: the timestep at which modulations are matched
 
 
@@ -239,6 +263,30 @@ class SamplingSection(StrictModel):
     use_ema: bool = True
 
 
+class EvaluationSection(StrictModel):
+    """FID and CLIP score every `every` steps on a small held-out set (training/evaluate.py), logged as eval/*."""
+
+    every: int = Field(0, ge=0)  # 0: never
+    prompt_file: str | None = None  # held-out prompts, one per line
+    reference: str | None = None  # folder of held-out reference images for FID
+    images_per_prompt: int = Field(1, ge=1)
+    clip_model: str | None = "openai/clip-vit-large-patch14"  # hub id or folder; null: no CLIP score
+    fid_features: str = "inception"  # or module:callable returning a torch feature extractor
+    inception_weights: str | None = None  # local FID Inception weights; default: torch-fidelity's download
+    fid_size: int = Field(299, ge=8)
+    sampler: str = "dpm++"
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.5, ge=0)
+    seed: int = 0
+    use_ema: bool = True
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "EvaluationSection":
+        if self.every and not (self.prompt_file and self.reference):
+            raise ValueError("evaluation.every needs evaluation.prompt_file and evaluation.reference")
+        return self
+
+
 class TrainConfig(StrictModel):
     """One training sub-stage."""
 
@@ -255,6 +303,8 @@ class TrainConfig(StrictModel):
     init: InitSection = Field(default_factory=InitSection)
     run: RunSection
     sampling: SamplingSection = Field(default_factory=SamplingSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

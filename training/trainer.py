@@ -29,6 +29,7 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,10 +46,14 @@ from training.metrics import Reporter, Throughput, attach_log_file, device_peak_
 from training.model import PixArt
 from training.objectives import build_objective
 from training.preflight import preflight
-from training.stages import TransitionError, init_from_previous
+from training.evaluate import HeldOutEvaluation
+from training.init_sources import init_model
+from training.lora import ADAPTER_DIR, EMA_ADAPTER_DIR, add_lora, save_adapter, split_state
+from training.stages import TransitionError
 from training.train_config import TrainConfig, load_train_config
-from training.weights import (CHECKPOINTS_DIR, FINAL, PIPELINE_NAME, WEIGHTS_DIR, PipelineInfo, step_folders,
-                              weights_problem, write_weights_folder)
+from training.weights import (CHECKPOINTS_DIR, CONFIG_NAME, FINAL, PIPELINE_NAME, WEIGHTS_DIR, PipelineInfo,
+                              encode_config, encode_pipeline_info, step_folders, weights_problem,
+                              write_weights_folder)
 
 log = logging.getLogger("training.trainer")
 
@@ -122,13 +127,14 @@ class Trainer:
                               f"(run.resume=true) or choose a new run.output_dir")
         checked = preflight(config, dist.world_size, resuming=bool(history)) if with_data else None
         self.latent_space = config.latent_space()  # what the data's latents are normalized with (dataset card)
+        self._root_level = logging.getLogger().level  # attach_log_file may lower it to INFO; restored by close()
         self._log_file = attach_log_file(self.out / "logs" / ("train.log" if self.is_main else
                                                               f"train_rank{dist.rank}.log"), dist.rank)
         self.bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto"
                                                              and dist.device.type == "cuda")
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.objective = build_objective(config)
-        self.counters, self.losses, self._micro = TrainState(), [], []
+        self.counters, self.losses, self._micro, self._window = TrainState(), [], [], []
         cfg = self.model_config
         if with_data:
             self.loader = ShardLoader(checked.plan, config.data.root, dist.rank, config.data.caption,
@@ -140,12 +146,16 @@ class Trainer:
             from training.sample_grids import SampleGrids
 
             self._grids = SampleGrids(config, cfg, self.latent_space, dist.device, self.dtype)
+        self._evaluation = (HeldOutEvaluation(config, cfg, self.latent_space, dist.device, self.dtype)
+                            if self.is_main and config.evaluation.every else None)
 
         # Identical initial weights on every rank: the same seed, then the same previous-stage weights.
         torch.manual_seed(config.run.seed)
         model = PixArt(cfg)
         model.routing = config.routing.build()  # TREAD token routing in training (None when off)
         self.init_report = self._init_weights(model, resuming=bool(history))
+        if config.lora.enabled:
+            add_lora(model, config.lora)  # adapters only train; weights folders hold them merged and apart
         ds_config = deepspeed_config(config, self.bf16)
         global_batch = config.data.batch_size * dist.world_size * config.optimizer.gradient_accumulation_steps
         self.engine, lr = build_engine(model.to(dist.device), config, ds_config, global_batch)
@@ -157,7 +167,8 @@ class Trainer:
         states = {"engine": self.engine, "counters": self.counters, "rng": RNGState(self.generator, dist.device)}
         states.update({k: v for k, v in (("ema", self.ema), ("loader", self.loader)) if v is not None})
         self.checkpoints = CheckpointManager(self.out / CHECKPOINTS, states, dist.rank, dist.world_size,
-                                             config.run.keep_last, extra_files=self._checkpoint_extras)
+                                             config.run.keep_last, extra_files=self._checkpoint_extras,
+                                             check_compatible=self._same_model)
         resumed = self.checkpoints.resume()
         if resumed is None and history:
             raise CheckpointError(f"{self.out} holds {', '.join(history[:4])} but no checkpoints to resume from; "
@@ -179,14 +190,23 @@ class Trainer:
         barrier()
         self.reporter = Reporter(self.out, config, enabled=self.is_main)
         self.throughput = Throughput(cfg, device_peak_tflops(dist.device, config.run.peak_tflops))
+        # (every N updates, action), run in this order after an update and after the last one; an extension (an
+        # evaluation, say) appends its own.
+        self.periodic: list[tuple[int, Callable[[], object]]] = [
+            (config.run.log_every, self._log_scalars), (config.run.checkpoint_every, self.save),
+            (config.sampling.every, self.sample_grid), (config.evaluation.every, self.evaluate)]
 
     def _init_weights(self, model: PixArt, resuming: bool) -> dict | None:
         init, report_file = self.config.init, self.out / "init_report.json"
         if resuming:  # the checkpoint's weights replace these; keep the original report
-            return json.loads(report_file.read_text()) if report_file.is_file() else None
+            try:
+                return json.loads(report_file.read_text()) if report_file.is_file() else None
+            except (OSError, ValueError) as err:
+                log.warning("%s is unreadable (%s); the run continues without it", report_file, err)
+                return None
         if not init.weights:
             return None
-        report = init_from_previous(model, init.weights, init.transition, init.use_ema, init.t_star)
+        report = init_model(model, init, self.config.pretrained)  # a weights folder, official .pth or diffusers
         if self.is_main:
             log.info("%s", report.summary())
             atomic_write_bytes(report_file, json.dumps(report.to_dict(), indent=1).encode())
@@ -211,7 +231,8 @@ class Trainer:
             kwargs = {"class_labels": batch["class_labels"].to(device, non_blocking=True)}
         if cfg.micro_conditions:
             kwargs["resolution"] = batch["resolution"].to(device, non_blocking=True)
-            kwargs["aspect_ratio"] = batch["aspect_ratio"].to(device, non_blocking=True)
+            key = "aspect_ratio_key" if cfg.aspect_ratio_input == "bucket_key" else "aspect_ratio"
+            kwargs["aspect_ratio"] = batch[key].to(device, non_blocking=True)
         return kwargs
 
     def _forward(self, x_t: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -257,7 +278,6 @@ class Trainer:
         run = self.config.run
         bar = tqdm(total=run.steps, initial=min(self.counters.step, run.steps), desc=self.config.name, unit="step",
                    disable=not (self.is_main and run.progress), dynamic_ncols=True)
-        window: list[dict] = []
         try:
             while self.counters.step < run.steps:
                 batch = self.loader.next_batch()
@@ -268,17 +288,12 @@ class Trainer:
                 self.throughput.add(batch)
                 if not out["updated"]:
                     continue
-                window.append(out)
+                self._window.append(out)
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}")
-                step, last = self.counters.step, self.counters.step == run.steps
-                if step % run.log_every == 0 or last:
-                    self._log_scalars(window)
-                    window = []
-                if step % run.checkpoint_every == 0 or last:
-                    self.save()
-                if self.config.sampling.every and (step % self.config.sampling.every == 0 or last):
-                    self.sample_grid()
+                for every, action in self.periodic:
+                    if every and (self.counters.step % every == 0 or self.counters.step == run.steps):
+                        action()
         finally:
             bar.close()
         return self._result()
@@ -293,7 +308,8 @@ class Trainer:
                                    f"(run.max_bad_steps); stopped with a checkpoint of the last good state in "
                                    f"{self.out / CHECKPOINTS}. Lower optimizer.lr or check the data.")
 
-    def _log_scalars(self, window: list[dict]) -> None:
+    def _log_scalars(self) -> None:
+        window, self._window = self._window, []
         if not self.is_main or not window:
             return
         last = window[-1]
@@ -343,6 +359,7 @@ class Trainer:
         teardown_distributed()
         if self._log_file is not None:
             logging.getLogger().removeHandler(self._log_file)
+            logging.getLogger().setLevel(self._root_level)
             self._log_file.close()
             self._log_file = None
 
@@ -363,8 +380,21 @@ class Trainer:
                             **self.config.diffusion.model_dump(include=FLOW_PIPELINE_FIELDS))
 
     def _checkpoint_extras(self) -> dict[str, bytes]:
-        return {"config.json": json.dumps(self.model_config.to_dict(), indent=2).encode(),
-                PIPELINE_NAME: json.dumps(self.pipeline_info().model_dump(), indent=2).encode()}
+        return {CONFIG_NAME: encode_config(self.model_config),
+                PIPELINE_NAME: encode_pipeline_info(self.pipeline_info())}
+
+    def _same_model(self, checkpoint: Path) -> None:
+        """A checkpoint of another model (model.preset / model.overrides changed since) is a ConfigError."""
+        try:
+            theirs = json.loads((checkpoint / CONFIG_NAME).read_text())
+        except (OSError, ValueError):
+            return  # absent in the manifest or damaged: validation and loading judge it
+        ours = json.loads(json.dumps(self.model_config.to_dict()))  # as JSON reads it back (tuples -> lists)
+        differ = [f"{k}: {theirs.get(k)} -> {v}" for k, v in ours.items()
+                  if k != "gradient_checkpointing" and theirs.get(k) != v]
+        if differ:
+            raise ConfigError(f"model.overrides: checkpoint {checkpoint} was written for another model "
+                              f"({'; '.join(differ)}); restore those settings or choose a new run.output_dir")
 
     def _weights_target(self) -> Path:
         step = self.counters.step
@@ -413,9 +443,41 @@ class Trainer:
             c = self.config
             info = {"stage": c.stage, "name": c.name, "step": self.counters.step, "caption": c.data.caption,
                     "init": self.init_report and {k: self.init_report[k] for k in ("source", "transition")}}
-            write_weights_folder(folder, self.model_config, state, self.pipeline_info(), ema, info)
+            extra, adapters = None, {}
+            if c.lora.enabled:  # merged full weights in the folder, the adapters beside them
+                state, adapters[ADAPTER_DIR] = split_state(state, c.lora)
+                if ema is not None:
+                    ema, adapters[EMA_ADAPTER_DIR] = split_state(ema, c.lora)
+
+                def extra(tmp: Path) -> None:
+                    for name, adapter in adapters.items():
+                        save_adapter(tmp / name, adapter, c.lora, self.model_config)
+            write_weights_folder(folder, self.model_config, state, self.pipeline_info(), ema, info, extra=extra)
         log.info("checkpoint %s, weights %s", checkpoint, folder)
         return folder
+
+    def _weights_for(self, use_ema: bool) -> dict[str, torch.Tensor]:
+        """Rank 0: the current full weights (EMA or model; LoRA merged) in PixArt's own layout."""
+        if use_ema and self.ema is not None:
+            weights = self.ema.full_state_dict(self.engine.module)
+        else:
+            weights = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        return split_state(weights, self.config.lora)[0] if self.config.lora.enabled else weights
+
+    def evaluate(self) -> dict | None:
+        """Rank 0: FID and CLIP score on the held-out set (config `evaluation`), reported and kept in eval.jsonl."""
+        if self._evaluation is None:
+            return None
+        with self._rng_untouched():
+            result = {"step": self.counters.step,
+                      **self._evaluation(self._weights_for(self.config.evaluation.use_ema))}
+        with open(self.out / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        self.reporter.scalars(self.counters.step, {f"eval/{k}": result[k] for k in ("fid", "clip_score")
+                                                   if k in result})
+        log.info("evaluation at step %d: %s", self.counters.step,
+                 ", ".join(f"{k} {result[k]:.3f}" for k in ("fid", "clip_score") if k in result))
+        return result
 
     def sample_grid(self) -> Path | None:
         """Rank 0: a PNG grid from the fixed prompts (or class labels) with the current EMA (or model) weights,
@@ -423,10 +485,7 @@ class Trainer:
         if self._grids is None:
             return None
         with self._rng_untouched():
-            if self.config.sampling.use_ema and self.ema is not None:
-                weights = self.ema.full_state_dict(self.engine.module)
-            else:
-                weights = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+            weights = self._weights_for(self.config.sampling.use_ema)
             grid, path = self._grids(weights, self.out / "samples" / f"step_{self.counters.step:08d}.png")
         self.reporter.image(self.counters.step, "samples", grid)
         log.info("sample grid %s", path)

@@ -84,9 +84,17 @@ def read_pipeline_info(folder: str | os.PathLike) -> PipelineInfo | None:
         raise ValueError(f"{path}: not a valid {PIPELINE_NAME}: {err}") from None
 
 
+def encode_pipeline_info(info: PipelineInfo) -> bytes:
+    return (json.dumps(info.model_dump(), indent=2) + "\n").encode()
+
+
+def encode_config(config: PixArtConfig) -> bytes:
+    return (json.dumps(config.to_dict(), indent=2) + "\n").encode()
+
+
 def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
     path = Path(folder) / PIPELINE_NAME
-    atomic_write_bytes(path, (json.dumps(info.model_dump(), indent=2) + "\n").encode())
+    atomic_write_bytes(path, encode_pipeline_info(info))
     return path
 
 
@@ -97,25 +105,28 @@ def write_pipeline_info(folder: str | os.PathLike, info: PipelineInfo) -> Path:
 
 def write_weights_folder(folder: str | os.PathLike, config: PixArtConfig, model_state: dict[str, torch.Tensor],
                          pipeline: PipelineInfo, ema_state: dict[str, torch.Tensor] | None = None,
-                         trainer_info: dict | None = None) -> Path:
+                         trainer_info: dict | None = None, extra=None) -> Path:
     """Write a complete weights folder under a temp name, then publish it in place of `folder` (an existing one is
-    moved aside first and deleted after). A kill at any point leaves the old folder or the new one, never half."""
+    moved aside first and deleted after). A kill at any point leaves the old folder or the new one, never half.
+    `extra(tmp_folder)` writes further files (a LoRA run's adapters) before publishing."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(folder)
     tmp.mkdir()
-    (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (tmp / CONFIG_NAME).write_bytes(encode_config(config))
     meta = {"format": "pt", "model": "PixArt"}
     save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_NAME),
               metadata=meta)
     if ema_state is not None:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in ema_state.items()}, str(tmp / EMA_NAME),
                   metadata=meta)
-    (tmp / PIPELINE_NAME).write_text(json.dumps(pipeline.model_dump(), indent=2) + "\n")
+    write_pipeline_info(tmp, pipeline)
     if trainer_info is not None:
         (tmp / TRAINER_NAME).write_text(json.dumps(trainer_info, indent=1) + "\n")
+    if extra is not None:
+        extra(tmp)
     publish_replacing(tmp, folder)
     return folder
 
@@ -245,7 +256,8 @@ def locate(path: str | os.PathLike) -> Located:
             return Located(path / FINAL, "the run's final weights")
         for folder in reversed(step_folders(path / WEIGHTS_DIR)):
             if weights_problem(folder) is None:
-                return Located(folder, f"the run's newest complete weights, {folder.name}; it has no final/ yet")
+                return Located(folder, f"the run's newest complete weights, {folder.name}: "
+                                       f"{weights_problem(path / FINAL)}")
         for ckpt in reversed(step_folders(path / CHECKPOINTS_DIR)):
             return _from_checkpoint(ckpt)
         raise WeightsError(f"{path}: a run folder without complete weights (final/, weights/step_N) or checkpoints")

@@ -100,8 +100,11 @@ class JourneyDBSource(Source):
                        "mtime_ns": stat.st_mtime_ns, "units": [u.id for u in units]}
         summary_path = routing / "_summary.json"
         if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            if summary.get("fingerprint") == fingerprint:
+            try:
+                summary = json.loads(summary_path.read_text())
+            except ValueError:  # an empty or torn summary (a power loss): route again
+                summary = {}
+            if isinstance(summary, dict) and summary.get("fingerprint") == fingerprint:
                 return summary
         by_file = {rel: u.id for u in units if u.kind == "files" for rel in u.paths}
         by_archive = {archive_folder(u.paths[0]): u.id for u in units if u.kind == "tar"}
