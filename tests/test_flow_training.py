@@ -56,7 +56,8 @@ def test_an_exported_flow_model_samples_in_diffusers_like_training_sample(flow_w
     from training.sampling import generate_images
     from training.weights import load_model, read_pipeline_info
 
-    pipe = PixArtAlphaPipeline.from_pretrained(export(flow_weights, tmp_path / "pipe"))
+    folder, _ = export(flow_weights, tmp_path / "pipe")
+    pipe = PixArtAlphaPipeline.from_pretrained(folder)
     assert pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.use_flow_sigmas
     assert pipe.scheduler.config.flow_shift == 2.0
     prompts = ["pattern 0", "pattern 1"]
