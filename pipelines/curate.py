@@ -395,7 +395,7 @@ def run(config: CurateConfig) -> dict:
     when some units could not be processed."""
     with claimed_output(config.output):
         layout, source, units, resources = preflight(config)
-        bind_output(layout.root, config.output_fingerprint(), digest([u.to_row() for u in units]), len(units))
+        bind_output(layout.root, config.output_fingerprint(), digest([u.identity() for u in units]), len(units))
     ids = [u.id for u in units]
     import ray.data
 

@@ -447,7 +447,7 @@ def run(cfg: RecaptionConfig) -> dict:
     UnitsFailed (after every other unit is committed) when some units could not be read."""
     with claimed_output(cfg.output):
         units, wanted, resources = preflight(cfg)
-        listing = [u.to_row() for u in units] if wanted is None else sorted((u, sorted(k)) for u, k in wanted.items())
+        listing = [u.identity() for u in units] if wanted is None else sorted((u, sorted(k)) for u, k in wanted.items())
         bind_output(cfg.output, caption_fingerprint(cfg.caption), digest(listing), len(listing), "caption.")
     done = committed_units(cfg.output)
     if wanted is not None:

@@ -193,3 +193,23 @@ def test_missing_roots_are_clear_errors(tmp_path):
         build_source(SA1BConfig(root=str(tmp_path / "nope"))).list_units(tmp_path)
     with pytest.raises(FileNotFoundError, match="source.annotations"):
         build_source(JourneyDBConfig(root=str(tmp_path), annotations=str(tmp_path / "x.jsonl"))).list_units(tmp_path)
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda root: FolderConfig(root=str(root), unit_size=2),
+    lambda root: SA1BConfig(root=str(root)),
+])
+def test_a_moved_source_lists_the_same_units(tmp_path, make_config):
+    """`ray job submit` unpacks the working dir at a new temp path in each Ray session: the units (what binds the
+    output folder) must not depend on where the source folder sits."""
+    jpg = jpeg_bytes(gradient(32, 32))
+    for copy in ("session_a/pkg", "session_b/pkg"):
+        root = tmp_path / copy / "data"
+        root.mkdir(parents=True)
+        for name in ("a.jpg", "b.jpg", "c.jpg"):
+            (root / name).write_bytes(jpg)
+        write_tar(root / "sa_1.tar", [("sa_1.jpg", jpg), ("sa_1.json", sa1b_annotation(1, 32, 32, "sa_1.jpg"))])
+    listed = [build_source(make_config(tmp_path / copy / "data")).list_units(tmp_path / f"w-{copy[:9]}")
+              for copy in ("session_a/pkg", "session_b/pkg")]
+    assert [u.to_row() for u in listed[0]] != [u.to_row() for u in listed[1]]  # absolute roots differ
+    assert [u.identity() for u in listed[0]] == [u.identity() for u in listed[1]] != []

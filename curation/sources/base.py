@@ -46,6 +46,21 @@ class WorkUnit:
         row["paths"] = list(self.paths)
         return row
 
+    def identity(self) -> dict:
+        """What the unit is, independent of where its source folder sits: the row with `root` left out and paths
+        under it made relative. A job resubmitted to a new Ray session finds its uploaded working dir at a new
+        temp path; its units must still be the same units, or the output folder would refuse the resumed run."""
+        def relative(path: str | None) -> str | None:
+            if path is None or not Path(path).is_absolute():
+                return path
+            try:
+                return str(Path(path).relative_to(self.root))
+            except ValueError:
+                return path
+
+        return {"id": self.id, "kind": self.kind, "paths": [relative(p) for p in self.paths],
+                "sidecar": relative(self.sidecar)}
+
     @classmethod
     def from_row(cls, row: dict) -> "WorkUnit":
         return cls(id=str(row["id"]), kind=str(row["kind"]), root=str(row["root"]),
