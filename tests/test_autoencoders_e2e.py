@@ -56,7 +56,8 @@ def curate(pictures: Path, out: Path, vae_dir: Path, vae_class: str, t5_dir: Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
-def test_curate_train_sample_export(kind, ray_cluster, pictures, tiny_autoencoder_dirs, tiny_t5_dir, tmp_path):
+def test_curate_train_sample_export(kind, ray_cluster, pictures, tiny_autoencoder_dirs, tiny_t5_dir, tmp_path,
+                                    capsys):
     from training.export import main as export_main
     from training.sample import main as sample_main
     from training.sample import read_pipeline_info
@@ -119,9 +120,12 @@ def test_curate_train_sample_export(kind, ray_cluster, pictures, tiny_autoencode
         assert pipe.vae.config.scaling_factor == space.scaling_factor
         assert pipe.transformer.config.in_channels == space.channels
     else:
-        with pytest.raises(ValueError) as refused:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:  # the CLI's one-line error, exit status 2
             export_main(["--checkpoint", str(run_dir / "final"), "--out", str(out)])
-        message = str(refused.value)
-        assert "\n" not in message and message.startswith("--vae: PixArtAlphaPipeline")
+        assert refused.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        message = lines[-1].partition("error: ")[2]
+        assert message.startswith("--vae: PixArtAlphaPipeline")
         assert ("shift_factor 0.0609" if kind == "kl-shift" else "AutoencoderDC") in message
         assert not out.exists()
