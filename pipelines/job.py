@@ -78,8 +78,9 @@ def _check_folder(need: ModelNeed) -> str | None:
 
 def _check_hub(need: ModelNeed) -> str | None:
     """Resolve the first file of the class's first group through huggingface_hub: the cache first, then the hub
-    unless offline (HF_HUB_OFFLINE=1). Downloads at most a small config file, never weights."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    unless offline (HF_HUB_OFFLINE=1). Asks the hub for the file's metadata once, with a short timeout and no
+    retries (hf_hub_download retries a dead network for about 45 s a model); downloads nothing."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 
     filenames = need.files[0] if need.files else ("config.json",)
     prefix = f"{need.subfolder.strip('/')}/" if need.subfolder else ""
@@ -95,7 +96,7 @@ def _check_hub(need: ModelNeed) -> str | None:
     first = None
     for name in filenames:
         try:
-            hf_hub_download(need.value, name, subfolder=need.subfolder, etag_timeout=5)
+            get_hf_file_metadata(hf_hub_url(need.value, name, subfolder=need.subfolder), timeout=5)
             return None
         except EntryNotFoundError as err:  # the repo exists but names this file otherwise: try the next name
             first = first or err

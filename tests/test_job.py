@@ -63,6 +63,35 @@ def test_curate_with_the_default_hub_vae_offline_stops_at_once_and_claims_nothin
     assert not (tmp_path / "out").exists()
 
 
+def test_curate_with_the_default_hub_vae_and_a_dead_network_stops_within_10s(tmp_path):
+    """A user's command line, imports included, on a machine whose network refuses the hub (not offline mode):
+    the preflight asks once, without huggingface_hub's retries, and claims nothing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a port nobody listens on: connections are refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "photos").mkdir()
+    config = {"source": {"kind": "folder", "root": str(tmp_path / "photos")}, "output": str(tmp_path / "out"),
+              "t5": None}  # vae.model left at its default hub id
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the suite runs offline; this test does not
+        env.pop(name, None)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipelines.curate", "--config", str(tmp_path / "c.yaml")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - start < 10, done.stderr
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: vae.model: hub id 'stabilityai/sd-vae-ft-ema' cannot be "
+                                                   "resolved"), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_location_checks(tmp_path):
     check_output_location("output", tmp_path / "new" / "deeper")
     (tmp_path / "file").write_text("x")
