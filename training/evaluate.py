@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.durable import atomic_write_bytes
 from common.pretrained import MissingModelError, _load
 from training import cli
 
@@ -244,9 +245,7 @@ def run(args: argparse.Namespace) -> dict:
               "fid_features": args.fid_features, "fid_size": args.fid_size, "sampler": args.sampler,
               "steps": parts.steps, "cfg_scale": args.cfg_scale, "seed": args.seed, "height": parts.height,
               "width": parts.width, "prompts": expanded}
-    tmp = out / ".eval.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "eval.json")
+    atomic_write_bytes(out / "eval.json", (json.dumps(record, indent=2) + "\n").encode())
     plot(result, expanded, out / "eval.png")
     return record
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.autoencoder import Autoencoder
+from common.durable import publish_replacing
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
 from training import cli
 from training.checkpoint import to_diffusers
@@ -195,9 +196,7 @@ def export(checkpoint: str | Path, out: str | Path, vae: str | None = None, text
         {"checkpoint": str(checkpoint.resolve()), "weights": WEIGHT_FILES[weights], "call": call,
          "pixart_config": model.config.to_dict()}, indent=2) + "\n")
     (tmp / "README.md").write_text(readme(call, weights, checkpoint, model, declared_sample_size(model)))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish_replacing(tmp, out)  # the old export stays whole until the new one is complete and synced
     return out, call
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from common.autoencoder import Autoencoder
+from common.durable import atomic_write_bytes
 from common.pretrained import DEFAULT_T5, DEFAULT_VAE, MissingModelError, load_text_encoder
 from training.flow import flow_from_config
 from training.grid import image_grid, save_png
@@ -200,9 +201,7 @@ def run(args: argparse.Namespace) -> dict:
                    for f, v in zip(files, values)],
         "grid": "grid.png",
     }
-    tmp = out / ".samples.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "samples.json")
+    atomic_write_bytes(out / "samples.json", (json.dumps(record, indent=2) + "\n").encode())
     return record
 
 
