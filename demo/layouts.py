@@ -21,14 +21,13 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from common.durable import atomic_write_bytes
+from common.durable import atomic_write_bytes, publish, temp_name
 from demo.scenes import (CLASSES, Scene, SceneSampler, class_name, dense_caption, render,
                                        sparse_caption)
 
@@ -140,7 +139,7 @@ def write_sa1b(root: Path, scenes: list[Scene], size: int, per_tar: int, first_i
     pictures: dict[int, Image.Image] = {}
     for tar_index, start in enumerate(range(0, len(scenes), per_tar)):
         path = root / f"sa_{tar_index:06d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temp_name(path)
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i, scene in enumerate(scenes[start:start + per_tar], start=start):
                 image_id = first_id + i
@@ -160,7 +159,7 @@ def write_sa1b(root: Path, scenes: list[Scene], size: int, per_tar: int, first_i
                 _add_tar_member(tar, f"sa_{image_id}.json", _sa1b_json(image_id, image, scene))
                 records.append(GroundTruth("sa1b", str(image_id), f"{path.name}/sa_{image_id}.jpg", scene.to_dict(),
                                            fault, dup_of))
-        os.replace(tmp, path)
+        publish(tmp, path)
     return records
 
 
@@ -188,9 +187,9 @@ def write_journeydb(root: Path, scenes: list[Scene], size: int, per_archive: int
     for archive_index, start in enumerate(range(0, len(scenes), per_archive)):
         folder = f"{archive_index:03d}"
         path = root / "imgs" / f"{folder}.tgz"
-        tmp = path.with_name(f".{path.name}.tmp")
-        # mtime 0 in the gzip header too: the same seed writes the same bytes.
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+        tmp = temp_name(path)
+        # No name and mtime 0 in the gzip header (the temp name is random): the same seed writes the same bytes.
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i, scene in enumerate(scenes[start:start + per_archive], start=start):
                 name = f"{folder}/{hashlib.sha1(f'journeydb-{i}'.encode()).hexdigest()[:16]}.jpg"
@@ -207,7 +206,7 @@ def write_journeydb(root: Path, scenes: list[Scene], size: int, per_archive: int
                 _add_tar_member(tar, name, data)
                 lines.append(_journeydb_line(f"./{name}", scene))
                 records.append(GroundTruth("journeydb", name, f"imgs/{folder}.tgz/{name}", scene.to_dict(), fault))
-        os.replace(tmp, path)
+        publish(tmp, path)
     atomic_write_bytes(root / JOURNEYDB_ANNOTATIONS, ("\n".join(lines) + "\n").encode())
     return records
 

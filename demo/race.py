@@ -33,6 +33,7 @@ import yaml
 from pydantic import Field
 
 from common.config import ConfigError, StrictModel, load_config, parse_overrides, validate_config
+from common.durable import publish, temp_name
 from demo.run import (DEFAULT_CONFIG, _merge, _table, effective_config, load_demo_config, reroot, write_json)
 
 DEFAULT_RACE = "demo/configs/race.yaml"
@@ -54,11 +55,13 @@ class RaceConfig(StrictModel):
     threads: int = Field(1, ge=1, description="torch threads per recipe process (run.cpu_threads)")
     recipes: dict[str, Recipe]
     overrides: list[str] = Field(default_factory=list, description="section.field=value for every recipe's trainer")
+    stage1_overrides: list[str] = Field(default_factory=list,
+                                        description="section.field=value for the demo's stage 1, the recipes' init")
     quick: dict[str, Any] = Field(default_factory=dict, description="laid over this config by --quick")
 
 
 # ---- preparation: the demo's data and stage 1 ---------------------------------------------------------------------
-def prepare(demo, out: Path) -> Path:
+def prepare(demo, out: Path, stage1_overrides: list[str] = ()) -> Path:
     """Synthesize, curate (the SA-1B and ImageNet layouts) and train stage 1, each skipped when its output exists.
     Returns the stage-1 weights."""
     from curation.shard_format import CARD_FILE
@@ -77,7 +80,7 @@ def prepare(demo, out: Path) -> Path:
 
     if ray.is_initialized():
         ray.shutdown()
-    [stage1] = train_stage(1, demo.training.stage1, out, demo.training.overrides)
+    [stage1] = train_stage(1, demo.training.stage1, out, [*stage1_overrides, *demo.training.overrides])
     return Path(stage1.weights)
 
 
@@ -239,9 +242,9 @@ def plot(results: dict[str, dict], targets: dict[str, float], path: Path) -> Non
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 # ---- the whole race -----------------------------------------------------------------------------------------------
@@ -291,7 +294,7 @@ def run_race(race: RaceConfig, out: str | Path, quick: bool = False, argv: list[
     demo = load_demo_config(race.demo, quick)
     started_cpu, started = time.process_time(), time.perf_counter()
     print(f"==> preparing the demo's data and stage 1 under {out}", flush=True)
-    prepare(demo, out)
+    prepare(demo, out, race.stage1_overrides)
     print(f"\n==> {len(race.recipes)} recipes, {race.parallel} at a time, {race.threads} thread(s) each", flush=True)
     run_recipes(race, out, argv or [])
     return report(race, out, demo.evaluation.targets, wall_s=round(time.perf_counter() - started, 1),

@@ -43,6 +43,7 @@ import yaml
 from pydantic import Field
 
 from common.config import ConfigError, StrictModel, load_config, validate_config
+from common.durable import publish, temp_name
 
 DEFAULT_OUT = "outputs/demo"
 DEFAULT_CONFIG = "demo/configs/demo.yaml"
@@ -464,9 +465,9 @@ def _plot_losses(curves: dict[str, list[float]], window: int, target: float, pat
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 # ---- the whole demo -----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_quick_demo_writes_every_output(quick_demo):
     # The checkpoint names the models it needs, so training.sample runs it without flags.
     pipeline = json.loads((out / "checkpoint" / "pipeline.json").read_text())
     assert pipeline["vae_class"] == "demo.codec:PoolingCodec" and Path(pipeline["vae"]).is_dir()
-    assert pipeline["prediction_type"] == "v_prediction"  # the demo configs' diffusion.prediction_type
+    assert pipeline["objective"] == "rectified_flow"  # the race's winner, demo/configs/train_stage2.yaml, 3a, 3b
     # Every stage ran, each initialized as the stage plan says.
     runs = json.loads((out / "metrics.json").read_text())["training"]["runs"]
     assert list(runs) == ["stage1", "stage2", "stage3a", "stage3b"]

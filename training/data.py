@@ -10,7 +10,11 @@ exactly, without repeating or skipping a sample:
            its k-th batch is (epoch k // n, batch rank + world * (k % n)), n = batches per rank per epoch.
   workers  DataLoader worker w of W loads the rank's batches start + w, start + w + W, ...; torch hands them to
            the trainer round-robin, i.e. in stream order. Every batch carries its stream position; the loader
-           state a checkpoint stores is the next position.
+           state a checkpoint stores is the next position. Workers start from a fresh `forkserver` process, not
+           forked from the trainer: a fork copies a parent that runs threads (TensorBoard and wandb writers,
+           intra-op pools, DeepSpeed) mid-operation, and a worker forked so can crash hours later (a segfault at
+           step 863 of the demo's stage 2). A worker that dies anyway (a native decoder's segfault, the OOM killer)
+           is restarted at the position of the batch it owed: the same batches follow, and the run goes on.
   read     samples are read by key from the tars (`docs/SHARD_FORMAT.md`) through an index of member offsets built
            per shard on first use, and decoded and validated by curation.shard_format.
 
@@ -31,7 +35,9 @@ A batch is a dict of CPU tensors holding one bucket:
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import tarfile
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,18 +370,52 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def worker_context(name: str | None):
+    """The multiprocessing context DataLoader workers start from: a forkserver preloaded with this module (each
+    worker is then a cheap fork of a clean process that already imported torch), or None for torch's default."""
+    if name is None:
+        return None
+    context = multiprocessing.get_context(name)
+    if name == "forkserver":
+        context.set_forkserver_preload([__name__])  # not '__main__': a notebook's or a job's script may not import
+    return context
+
+
 def make_loader(plan: BatchPlan, root: str | Path, rank: int, start: int, caption: str | None, caption_length: int,
                 caption_channels: int | None, num_workers: int = 2, prefetch_factor: int = 2,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False, multiprocessing_context: str | None = "forkserver",
+                dataset_class: type[ShardBatches] = ShardBatches) -> torch.utils.data.DataLoader:
     """A DataLoader over rank's stream from position `start`; it yields ready batches (batch_size=None)."""
-    dataset = ShardBatches(plan, root, rank, start, caption, caption_length, caption_channels)
+    dataset = dataset_class(plan, root, rank, start, caption, caption_length, caption_channels)
     # Its own generator: creating an iterator would otherwise draw from the global RNG, and a resumed run, which
     # creates one more, would no longer reproduce the uninterrupted run's caption dropout.
     kwargs = dict(num_workers=num_workers, worker_init_fn=_worker_init, pin_memory=pin_memory, batch_size=None,
                   generator=torch.Generator().manual_seed(0))
     if num_workers:
         kwargs["prefetch_factor"] = prefetch_factor
+        kwargs["multiprocessing_context"] = worker_context(multiprocessing_context)
     return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+# torch's words for a worker process that died (DataLoader's liveness check and its SIGCHLD handler).
+_WORKER_DIED = ("exited unexpectedly", "killed by signal")
+
+
+def _lost_a_worker(iterator, err: Exception, grace: float = 10.0) -> bool:
+    """Whether `err` came from a dead worker. Besides torch's own report, a worker that dies right after queueing
+    a batch leaves the batch's shared-memory handle unreachable (EOFError, ConnectionResetError), possibly while it
+    is still dying (a segfault handler runs first): a worker is given `grace` seconds to be seen dead."""
+    workers = getattr(iterator, "_workers", [])
+    deadline = time.monotonic() + (grace if isinstance(err, (EOFError, OSError)) else 0.0)
+    while True:
+        if any(not w.is_alive() for w in workers):
+            return True
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    message = str(err)
+    return (isinstance(err, RuntimeError) and message.startswith("DataLoader worker")
+            and any(words in message for words in _WORKER_DIED))
 
 
 class ShardLoader:
@@ -385,26 +425,32 @@ class ShardLoader:
     reason and passed to `on_rejected` (the trainer logs them). `state_dict()` / `load_state_dict()` carry the
     position of the next batch and the counts through a checkpoint, together with what defines the stream (world
     size, batch size, seed): a checkpoint of another stream is refused, since resuming it would repeat or skip data.
+
+    Workers that die are restarted at the position of the batch they owed, which gives the same batch (the stream
+    is a function of position), with a warning. A batch that kills a worker reading it alone `attempts` times is
+    given up: its samples are rejected with reason "loader worker died reading the batch" and the stream goes on.
     """
 
     def __init__(self, plan: BatchPlan, root: str | Path, rank: int, caption: str | None, caption_length: int,
                  caption_channels: int | None, num_workers: int = 2, prefetch_factor: int = 2,
-                 pin_memory: bool = False, on_rejected=None):
+                 pin_memory: bool = False, on_rejected=None, multiprocessing_context: str | None = "forkserver",
+                 attempts: int = 3, dataset_class: type[ShardBatches] = ShardBatches):
         self.plan, self.root, self.rank = plan, Path(root), rank
         self._make = dict(caption=caption, caption_length=caption_length, caption_channels=caption_channels,
-                          num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory)
+                          num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                          multiprocessing_context=multiprocessing_context, dataset_class=dataset_class)
         self.on_rejected = on_rejected
+        self.attempts = attempts
         self.position = 0  # the next batch of this rank's stream
         self.samples_accepted = 0
         self.samples_rejected = 0
         self.rejected_by_reason: Counter[str] = Counter()
+        self.worker_restarts = 0  # this process's, not carried through checkpoints
         self._iterator = None
 
     def next_batch(self) -> dict:
-        if self._iterator is None:
-            self._iterator = iter(make_loader(self.plan, self.root, self.rank, self.position, **self._make))
         for _ in range(self.plan.batches_per_rank + 1):
-            batch = next(self._iterator)
+            batch = self._batch_at_position()
             self.position = batch["position"] + 1
             if batch["rejected"]:
                 self.samples_rejected += len(batch["rejected"])
@@ -415,6 +461,47 @@ class ShardLoader:
                 self.samples_accepted += len(batch["keys"])
                 return batch
         raise DataError(f"{self.root}: a whole epoch of batches held no readable sample")
+
+    def _batch_at_position(self) -> dict:
+        """The batch at self.position. A worker death loses the batches its loader had queued, so the first
+        restart reads the due batch with one worker and nothing ahead: only a death there is the batch's doing."""
+        careful, deaths = False, 0
+        while True:
+            if self._iterator is None:
+                make = {**self._make, "num_workers": 1, "prefetch_factor": 1} if careful else self._make
+                self._iterator = iter(make_loader(self.plan, self.root, self.rank, self.position, **make))
+            try:
+                batch = next(self._iterator)
+            except Exception as err:
+                if not _lost_a_worker(self._iterator, err):
+                    raise
+                self.close()
+                self.worker_restarts += 1
+                deaths += careful
+                if deaths >= self.attempts:
+                    return self._give_up()
+                log.warning("rank %d: %s while batch %d was due; it is read again by one restarted worker%s",
+                            self.rank, err, self.position, f" (attempt {deaths + 1} of {self.attempts})" if careful
+                            else "")
+                careful = True
+                continue
+            if careful:
+                self.close()  # the configured workers take over from the next batch
+            return batch
+
+    def _give_up(self) -> dict:
+        epoch, rows = self.plan.rank_batch(self.rank, self.position)
+        detail = (f"the data loader's worker died {self.attempts} times reading batch {self.position} (epoch "
+                  f"{epoch}) alone")
+        log.error("rank %d: %s; its %d samples are rejected", self.rank, detail, len(rows))
+        return {"keys": [], "position": self.position, "epoch": epoch, "rejected": [
+            {"key": str(self.plan.rows["key"][i]), "reason": "loader worker died reading the batch", "detail": detail}
+            for i in rows.tolist()]}
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The live iterator's worker processes (none before the first batch or with num_workers 0)."""
+        return [w.pid for w in getattr(self._iterator, "_workers", [])]
 
     def state_dict(self) -> dict:
         return {"position": self.position, "samples_accepted": self.samples_accepted,

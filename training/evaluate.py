@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.durable import atomic_write_bytes
+from common.durable import atomic_write_bytes, publish, temp_name
 from common.pretrained import MissingModelError, _load
 from training import cli
 
@@ -172,10 +172,10 @@ def plot(result: dict, prompts: Sequence[str], path: Path) -> Path:
              f"CLIP score {result['clip_score']:.2f}" if "clip_score" in result else None]
     ax.set_title(", ".join(t for t in title if t) + f"  ({result['num_images']} images)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    publish(tmp, path)
     return path
 
 

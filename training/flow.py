@@ -92,16 +92,12 @@ class RectifiedFlow:
         return (1.0 - t) * x0 + t * noise
 
     def training_losses(self, model_fn: Callable[..., torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
-                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
-                        snr_gamma: float | None = None) -> dict[str, torch.Tensor]:
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss", "mse", "vb"}, each [B] (vb is zero: the interface of GaussianDiffusion.training_losses).
 
         `t` comes from `sample_timesteps` and is shifted here for the batch's picture size.
         `model_fn(x_t, 1000 t, **model_kwargs)` is the network; its first C output channels are the velocity.
         """
-        if snr_gamma is not None:
-            raise ValueError("snr_gamma: Min-SNR weighting is an IDDPM option; rectified flow weights by its "
-                             "logit-normal time density instead")
         noise = torch.randn_like(x0) if noise is None else noise
         t = self.shifted(t.to(x0.device, torch.float32), self.shift_for(self.tokens(x0.shape[-2:])))
         x_t = self.interpolate(x0, t, noise)

@@ -9,6 +9,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from common.durable import publish, temp_name
+
 
 def image_grid(images: Sequence[Image.Image], cols: int | None = None, pad: int = 2,
                captions: Sequence[str] | None = None, caption_lines: int = 2,
@@ -59,7 +61,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG through a temp name in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    publish(tmp, path)
     return path

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.durable import atomic_write_bytes, publish, temp_name
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ASPECT_RATIO_INPUTS = ("bucket_key", "height_width")
@@ -577,19 +579,17 @@ class PixArt(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, folder: str | os.PathLike, filename: str = WEIGHTS_NAME) -> Path:
-        """Write `config.json` and `filename` (safetensors) into folder, each through a temp name then a rename."""
+        """Write `config.json` and `filename` (safetensors) into folder, each durably (common.durable)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = dataclasses.replace(self.config, gradient_checkpointing=self.gradient_checkpointing)
-        tmp = folder / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, folder / CONFIG_NAME)
+        atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / f".{filename}.tmp"
+        tmp = temp_name(folder / filename)
         save_file(tensors, str(tmp), metadata={"format": "pt", "model": "PixArt"})
-        os.replace(tmp, folder / filename)
+        publish(tmp, folder / filename)
         return folder
 
     @classmethod

@@ -82,6 +82,9 @@ class DataSection(StrictModel):
     batch_size: int = Field(64, ge=1)  # per process; every batch holds one aspect-ratio bucket
     num_workers: int = Field(2, ge=0)  # DataLoader worker processes per training process
     prefetch_factor: int = Field(2, ge=1)
+    # How workers start. forkserver: from a clean process, not forked from the trainer and the threads it runs
+    # (training/data.py says why); fork: the old default, faster to start, unsafe once the trainer runs threads.
+    multiprocessing_context: Literal["forkserver", "spawn", "fork"] = "forkserver"
     seed: int = 0  # the batch plan's shuffle seed (epoch e uses (seed, e))
 
     @field_validator("caption")

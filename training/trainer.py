@@ -139,7 +139,8 @@ class Trainer:
         if with_data:
             self.loader = ShardLoader(checked.plan, config.data.root, dist.rank, config.data.caption,
                                       cfg.caption_length, cfg.caption_channels, config.data.num_workers,
-                                      config.data.prefetch_factor, dist.device.type == "cuda", self._record_rejected)
+                                      config.data.prefetch_factor, dist.device.type == "cuda", self._record_rejected,
+                                      config.data.multiprocessing_context)
         # Loaded before anything else so that a VAE or T5 that cannot be found stops the run at once.
         self._grids = None
         if self.is_main and config.sampling.every:
@@ -316,7 +317,8 @@ class Trainer:
         scalars = {"train/loss": sum(o["loss"] for o in window) / len(window), "train/lr": self.engine.get_lr()[0],
                    **{f"train/{k}": v for k, v in last.items() if k not in ("loss", "skipped", "updated", "images")},
                    "train/skipped_steps": self.counters.skipped_steps,
-                   "data/rejected_samples": self.loader.samples_rejected, **self.throughput.report()}
+                   "data/rejected_samples": self.loader.samples_rejected,
+                   "data/worker_restarts": self.loader.worker_restarts, **self.throughput.report()}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
