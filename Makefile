@@ -15,7 +15,7 @@ DRY_RUN ?=
         curate recaption train-stage1 train-stage2 train-stage3 clean
 
 help:
-	@echo "make demo            the whole system end to end on CPU, and proof that it learns (about 14 min, 2 cores)"
+	@echo "make demo            the whole system end to end on CPU, and proof that it learns (about 8 min, 2 cores)"
 	@echo "make demo-quick      the same steps on a handful of pictures: proves the plumbing in 2-4 minutes"
 	@echo "make demo-ablation   the demo plus the dense/sparse and stage-1-init ablations"
 	@echo "make demo-race       stage 2 with four recipes (eps, v, rectified flow, flow + TREAD) against compute (~30 min) [SET=\"parallel=4 ...\"]"
