@@ -43,7 +43,7 @@ import yaml
 from pydantic import Field
 
 from common.config import ConfigError, StrictModel, load_config, validate_config
-from common.durable import publish, temp_name
+from common.durable import atomic_write_bytes, publish, publish_replacing, sweep_temp, temp_name
 
 DEFAULT_OUT = "outputs/demo"
 DEFAULT_CONFIG = "demo/configs/demo.yaml"
@@ -294,7 +294,7 @@ def density(config: DemoConfig, out: Path) -> dict:
     path = effective_config(config.density, out, "density.yaml")
     print(f"    python -m pipelines.density --config {path}", flush=True)
     written = run(load_config(path, DensityConfig))
-    shutil.copyfile(written["html"], out / "report.html")
+    atomic_write_bytes(out / "report.html", Path(written["html"]).read_bytes())
     figures = json.loads(Path(written["json"]).read_text())
     return {"report": str(out / "report.html"), "json": str(written["json"]),
             "table1": {s["name"]: s.get("table1") for s in figures["sources"]}}
@@ -498,11 +498,10 @@ def run_demo(config: DemoConfig, out: str | Path, ablation_runs: bool = False) -
         final = Path(metrics["training"]["final_weights"])
         result = evaluate(config, out, final, out / "samples", "final model")
         save_png(result.pop("grid"), out / "samples.png")
-        copy = out / ".checkpoint.tmp"
-        shutil.rmtree(copy, ignore_errors=True)
+        sweep_temp(out, "checkpoint")  # a killed run's half copy
+        copy = temp_name(out / "checkpoint")
         shutil.copytree(final, copy)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-        os.replace(copy, out / "checkpoint")
+        publish_replacing(copy, out / "checkpoint")  # the previous run's stays whole until this one is synced
         targets = config.evaluation.targets
         result["targets"] = targets
         result["meets_targets"] = {k: result["accuracy"][k] >= v for k, v in targets.items()}
